@@ -1,0 +1,182 @@
+"""The ``srcompress`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, ui
+from .errors import SrcompressError
+
+PICKLE_NOTE = ("A pickled model (torch.save(model)) runs code from the file when loaded: srcompress loads one only "
+               "if you own the file and no one else can write it, or with --trust-pickle. .pt2 programs and state "
+               "dicts (with --arch) load without running code from the file.")
+
+
+def _fail(err: SrcompressError, as_json: bool) -> None:
+    if as_json and not getattr(err, "reported", False):
+        click.echo(json.dumps({"ok": False, "error": err.one_line()}))
+    click.echo(f"error: {err.one_line()}", err=True)
+    sys.exit(err.exit_code)
+
+
+def _model_options(func):
+    options = [
+        click.option("--example", type=str, default=None, help="Use a bundled real model instead of MODEL (mnist)."),
+        click.option("--arch", default=None, help="module:callable that builds the model, for state-dict files."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module from a file you do not own."),
+        click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (guessed if omitted)."),
+        click.option("--input-dtype", default=None, help="Example input dtype: float32 (default) or int64 for token ids."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(model_path, example, arch, trust_pickle, input_shape, input_dtype):
+    """The model, its example input and its evaluator (bundled examples only)."""
+    from .inputs import resolve_example_inputs
+    from .io import LoadedModel, load_model
+
+    if bool(model_path) == bool(example):
+        raise SrcompressError("give either a MODEL file or --example", "e.g. srcompress prune --sparsity 0.9 --example mnist")
+    if example:
+        from .examples import get_example
+
+        chosen = get_example(example)
+        with ui.phase(f"loading example {example}"):
+            module = chosen.load()
+            loaded = LoadedModel(module, "pt2")
+            inputs, source = resolve_example_inputs(module, input_shape, input_dtype, known=chosen.example_inputs())
+            evaluate = chosen.make_evaluator(module)
+        return loaded, inputs, source, evaluate
+    with ui.phase(f"loading {model_path}"):
+        loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+        inputs, source = resolve_example_inputs(loaded.module, input_shape, input_dtype, known=loaded.example_inputs)
+    return loaded, inputs, source, None
+
+
+@click.group(help="Prune PyTorch models into smaller, faster ones, and say exactly what changed.\n\n" + PICKLE_NOTE)
+@click.version_option(__version__, prog_name="srcompress")
+def main() -> None:
+    pass
+
+
+@main.command(help="Prune a model to a target sparsity and save it (zeros baked into plain weights).\n\n" + PICKLE_NOTE)
+@click.argument("model_path", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove in the pruned layers, in [0, 1).")
+@click.option("--pattern", default="unstructured", show_default=True, help="unstructured, N:M (e.g. 2:4, along inputs) or block:RxC (e.g. block:32x32).")
+@click.option("--method", default="magnitude", show_default=True, help="How weights are scored: magnitude or random.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="global: one ranking across layers; layer: every layer at the target.")
+@click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer always kept.")
+@click.option("--exclude", multiple=True, help="Keep layers matching this glob dense (repeatable), e.g. 'classifier.*'.")
+@click.option("--prune-first/--keep-first", default=False, show_default=True, help="Prune the first conv (kept dense by default).")
+@click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer (kept dense by default).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output file (default: <name>.pruned.<ext> here).")
+@click.option("--format", "fmt", type=click.Choice(["pt", "pt2", "state_dict"]), default=None, help="Output format (default: the input's).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices (random method, tie-breaks).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@_model_options
+def prune(model_path, sparsity, pattern, method, scope, min_density, exclude, prune_first, prune_last, output, fmt, force,
+          seed, quiet, example, arch, trust_pickle, input_shape, input_dtype, as_json):
+    from .compress.masks import MaskSpec
+    from .compress.patterns import Pattern
+    from .compress.registry import get_method
+
+    ui.enable(not (quiet or as_json))
+    console = ui.stdout_console(quiet=as_json)
+    try:
+        parsed = Pattern.parse(pattern)
+        if sparsity is None:
+            if parsed.fixed_sparsity is None:
+                raise SrcompressError("--sparsity is required", "pass e.g. --sparsity 0.9")
+            sparsity = parsed.fixed_sparsity
+        spec = MaskSpec(sparsity=sparsity, pattern=parsed, scope=scope, min_density=min_density, exclude=tuple(exclude),
+                        keep_first=not prune_first, keep_last=not prune_last, seed=seed)
+        spec.validate()
+        get_method(method)
+        output = _default_output(model_path, example, fmt, output)
+        _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force, as_json)
+    except SrcompressError as err:
+        _fail(err, as_json)
+
+
+def _default_output(model_path: Path | None, example: str | None, fmt: str | None, output: Path | None) -> Path:
+    if output is not None:
+        return output
+    suffix = {"pt": ".pt", "pt2": ".pt2", "state_dict": ".pt"}
+    if example:
+        return Path(f"{example}.pruned{suffix[fmt or 'pt2']}")
+    stem = model_path.name.split(".")[0] if model_path.name else "model"
+    ext = suffix[fmt] if fmt else (model_path.suffix or ".pt")
+    return Path(f"{stem}.pruned{ext}")
+
+
+def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force, as_json):
+    import torch
+
+    from .io import check_output_path, save_model
+    from .pipeline import prune_model
+    from .report import provenance, render_prune
+
+    torch.manual_seed(spec.seed)
+    loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
+    check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    with ui.phase(f"pruning with {method}"):
+        report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
+    report.notes = loaded.notes + report.notes
+    if source == "guessed":
+        report.notes.append(f"example input shape {list(inputs[0].shape)} was guessed; pass --input-shape to set it")
+    report.provenance = provenance(spec.seed, loaded.sha256)
+    if report.ok:
+        with ui.phase(f"saving {output}"):
+            written = save_model(loaded, output, fmt, example_inputs=inputs, force=force)
+        report.files = {"input": str(loaded.path) if loaded.path else f"example:{example}",
+                        "input_bytes": loaded.path.stat().st_size if loaded.path else None,
+                        "output": str(written), "output_bytes": written.stat().st_size, "format": fmt or loaded.format}
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        render_prune(console, report)
+    if not report.ok:
+        from .errors import TargetNotMet
+
+        err = TargetNotMet(report.problem, "nothing was written; adjust --sparsity, --min-density or --exclude")
+        err.reported = True  # the JSON report already says ok: false
+        raise err
+
+
+@main.command(help="Show each layer's shape, parameters, zeros, sparsity, pattern and FLOPs.\n\n" + PICKLE_NOTE)
+@click.argument("model_path", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@_model_options
+def inspect(model_path, example, arch, trust_pickle, input_shape, input_dtype, as_json):
+    from .compress.layers import trace_layers
+    from .report import layer_stats, model_totals, render_stats
+
+    ui.enable(not as_json)
+    try:
+        loaded, inputs, source, _ = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
+        layers, _ = trace_layers(loaded.module, inputs)
+        stats = layer_stats(layers)
+        totals = model_totals(loaded.module, stats)
+    except SrcompressError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "model": str(model_path or f"example:{example}"), "format": loaded.format,
+                               "example_input": {"shapes": [list(t.shape) for t in inputs], "source": source},
+                               "layers": [vars(s) for s in stats], "totals": totals, "notes": loaded.notes}))
+    else:
+        console = ui.stdout_console()
+        render_stats(console, stats, totals, f"{model_path or example} ({loaded.format})")
+        for note in loaded.notes:
+            console.print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()

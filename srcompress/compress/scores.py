@@ -1,0 +1,22 @@
+"""The baseline scores every other method is compared against: weight magnitude and random."""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import Layer
+from .registry import Method
+
+
+def magnitude_score(layer: Layer, matrix: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """|w|: small weights go first (block patterns average it over each block)."""
+    return matrix.abs()
+
+
+def random_score(layer: Layer, matrix: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Uniform noise from the seeded generator: the floor any real method must beat."""
+    return torch.rand(matrix.shape, generator=gen)
+
+
+MAGNITUDE = Method("magnitude", "prune the smallest |w| (data-free)", kind="mask", score=magnitude_score)
+RANDOM = Method("random", "prune at random (seeded baseline)", kind="mask", score=random_score)

@@ -1,0 +1,176 @@
+"""What a model holds (per-layer statistics) and what a pruning run did (the report), as JSON and tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .compress.layers import Layer
+from .compress.patterns import detect_pattern
+
+FORMS = {
+    "unstructured": (
+        "zeros baked into dense weights (unstructured)",
+        "no speedup and no smaller file on dense runtimes (PyTorch, ONNX Runtime, TensorRT); "
+        "for speed use a block pattern with srcompress's kernels or structured pruning",
+    ),
+    "nm": (
+        "N:M semi-structured zeros in dense weights",
+        "can be faster only on NVIDIA Ampere or newer GPUs (TensorRT with sparse weights enabled, or "
+        "torch.sparse.to_sparse_semi_structured) and only for large layers; no gain on CPU or ONNX Runtime",
+    ),
+    "block": (
+        "whole zero blocks in dense weights",
+        "can be faster with srcompress.kernels.sparsify (Triton on CUDA, torch BSR on CPU) for wide "
+        "Linear layers; dense speed on ONNX Runtime and TensorRT",
+    ),
+}
+
+
+@dataclass
+class LayerStats:
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    params: int
+    nonzeros: int
+    sparsity: float
+    pattern: str
+    flops: int
+    effective_flops: int
+
+
+def layer_stats(layers: list[Layer]) -> list[LayerStats]:
+    stats = []
+    for layer in layers:
+        weight = layer.param.detach()
+        nonzeros = int(torch.count_nonzero(weight))
+        density = nonzeros / max(layer.numel, 1)
+        stats.append(LayerStats(layer.name, layer.op, layer.shape, layer.numel, nonzeros, 1 - density,
+                                detect_pattern(layer, weight), layer.flops, round(layer.flops * density)))
+    return stats
+
+
+def model_totals(model: torch.nn.Module, stats: list[LayerStats]) -> dict[str, Any]:
+    """Parameter, non-zero and FLOP totals; ``sparse_layers_sparsity`` covers layers holding zeros."""
+    params = nonzeros = 0
+    seen = set()
+    for param in model.parameters():
+        if param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        params += param.numel()
+        nonzeros += int(torch.count_nonzero(param.detach()))
+    sparse = [s for s in stats if s.nonzeros < s.params]
+    sparse_params = sum(s.params for s in sparse)
+    return {
+        "params": params,
+        "nonzeros": nonzeros,
+        "sparsity": 1 - nonzeros / max(params, 1),
+        "layers": len(stats),
+        "layer_params": sum(s.params for s in stats),
+        "layer_nonzeros": sum(s.nonzeros for s in stats),
+        "sparse_layers": len(sparse),
+        "sparse_layers_sparsity": (1 - sum(s.nonzeros for s in sparse) / sparse_params) if sparse_params else 0.0,
+        "flops": sum(s.flops for s in stats),
+        "effective_flops": sum(s.effective_flops for s in stats),
+    }
+
+
+def provenance(seed: int | None = None, input_sha256: str | None = None) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "srcompress": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "seed": seed,
+        "input_sha256": input_sha256,
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass
+class PruneReport:
+    """Everything a prune run did; ``to_json`` is what ``--json`` prints."""
+
+    request: dict[str, Any]
+    layers: list[dict[str, Any]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    sparsity: dict[str, Any]
+    form: dict[str, str]
+    changed_weights: int
+    example_input: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    files: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ok: bool = True
+    problem: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _count(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def render_stats(console: Console, stats: list[LayerStats], totals: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_lines=False)
+    for column, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right"), ("zeros", "right"),
+                            ("sparsity", "right"), ("pattern", "left"), ("FLOPs", "right"), ("eff. FLOPs", "right")):
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column != "layer")
+    for s in stats:
+        table.add_row(s.name, s.op, "x".join(map(str, s.shape)), _count(s.params), _count(s.params - s.nonzeros),
+                      f"{s.sparsity:.2%}", s.pattern, _count(s.flops), _count(s.effective_flops))
+    console.print(table)
+    console.print(
+        f"parameters {_count(totals['params'])} (non-zero {_count(totals['nonzeros'])}, sparsity {totals['sparsity']:.2%}); "
+        f"{totals['sparse_layers']}/{totals['layers']} layers hold zeros, at {totals['sparse_layers_sparsity']:.2%} together; "
+        f"conv/linear FLOPs {_count(totals['flops'])} dense, {_count(totals['effective_flops'])} effective"
+    )
+
+
+def render_prune(console: Console, report: PruneReport) -> None:
+    table = Table(title=f"srcompress prune: {report.request['method']} {report.request['pattern']} "
+                        f"at {report.request['sparsity']:.1%} ({report.request['scope']} scope)")
+    for column, justify in (("layer", "left"), ("shape", "left"), ("params", "right"), ("sparsity", "right"),
+                            ("pattern", "left"), ("FLOPs", "right"), ("eff. FLOPs", "right"), ("kept dense", "left")):
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column not in ("layer", "kept dense"))
+    for row in report.layers:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), _count(row["params"]),
+                      f"{row['sparsity_before']:.1%}→{row['sparsity_after']:.1%}", row["pattern_after"],
+                      _count(row["flops"]), _count(row["effective_flops_after"]), row["skipped"])
+    console.print(table)
+    b, a = report.before, report.after
+    console.print(f"parameters: {_count(b['params'])} total, non-zero {_count(b['nonzeros'])} -> {_count(a['nonzeros'])}")
+    console.print(f"conv/linear FLOPs per example: {_count(b['flops'])} dense, effective {_count(b['effective_flops'])} -> {_count(a['effective_flops'])}")
+    sp = report.sparsity
+    console.print(f"sparsity of pruned layers: asked {sp['asked']:.2%}, reached {sp['reached']:.2%} "
+                  f"(tolerance {sp['tolerance']:.3%}); whole model {a['sparsity']:.2%}")
+    console.print(f"output form: {report.form['form']}. Speed: {report.form['speed']}.")
+    if report.evaluation:
+        ev = report.evaluation
+        console.print(f"{ev['metric']} on {ev['dataset']}: before {ev['before']:.2%}, after {ev['after']:.2%} "
+                      f"({(ev['after'] - ev['before']) * 100:+.2f} points)")
+    if report.files.get("output"):
+        f = report.files
+        sizes = f"{_count(f['output_bytes'])}B" + (f", input {_count(f['input_bytes'])}B" if f.get("input_bytes") else "")
+        console.print(f"wrote {f['output']} ({f['format']}, {sizes})")
+    for note in report.notes:
+        console.print(f"note: {note}")

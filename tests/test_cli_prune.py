@@ -1,0 +1,135 @@
+"""`srcompress prune` and `inspect` end to end on the real pretrained models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srcompress import assets
+from srcompress.compress.masks import MaskSpec
+from srcompress.examples import get_example
+from srcompress.pipeline import prune_model
+
+from .conftest import sha256
+
+CASES = [("unstructured", "0.9"), ("2:4", "0.5"), ("block:32x32", "0.9")]
+
+
+def run_output(path: Path, name: str):
+    model = torch.load(path, weights_only=False)
+    if name == "cnn":
+        x = assets.mnist5k("test")[0][:4]
+    elif name == "mobilenet":
+        x = torch.randn(2, 3, 224, 224)
+    else:
+        x = torch.randint(0, 30000, (2, 12))
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenet", "minilm"])
+@pytest.mark.parametrize("pattern,sparsity", CASES)
+def test_prune_real_models(cli, tmp_path, model_files, name, pattern, sparsity):
+    source = model_files[name]
+    digest = sha256(source)
+    out = tmp_path / f"{name}.pt"
+    result = cli("prune", "--sparsity", sparsity, "--pattern", pattern, source, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json
+    assert report["ok"] and report["sparsity"]["pruned_layers"] > 0
+    assert sha256(source) == digest
+    output = run_output(out, name)
+    assert torch.isfinite(output).all()
+
+    inspected = cli("inspect", out, "--json").json
+    asked = float(sparsity)
+    layers = {row["name"]: row for row in inspected["layers"]}
+    pruned = [row for row in report["layers"] if not row["skipped"]]
+    if pattern.startswith("block"):
+        # within one 32x32 block per pruned layer
+        total = sum(row["params"] for row in pruned)
+        zeros = sum(row["params"] - layers[row["name"]]["nonzeros"] for row in pruned)
+        assert abs(zeros / total - asked) <= 1024 * len(pruned) / total
+        assert {layers[row["name"]]["pattern"] for row in pruned} <= {"block:32x32", "block:64x32", "block:32x64", "block:64x64", "dense"}
+    else:
+        assert abs(inspected["totals"]["sparse_layers_sparsity"] - asked) <= 0.005
+        if pattern == "2:4":
+            assert {layers[row["name"]]["pattern"] for row in pruned} == {"2:4"}
+    assert report["form"]["form"]
+
+
+def test_mnist_half_sparsity_keeps_accuracy():
+    example = get_example("mnist")
+    model = example.load()
+    report = prune_model(model, example.example_inputs(), MaskSpec(0.5), "magnitude", evaluate=example.make_evaluator(model))
+    assert report.ok
+    assert report.evaluation["after"] >= report.evaluation["before"] - 0.01
+    assert abs(report.sparsity["reached"] - 0.5) < 1e-4
+
+
+def test_seed_gives_identical_outputs(cli, tmp_path, model_files):
+    outputs = []
+    for index, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"r{index}.pt"
+        assert cli("prune", "--sparsity", "0.7", "--method", "random", "--seed", seed, model_files["cnn"], "-o", out, "--quiet").exit_code == 0
+        outputs.append(torch.load(out, weights_only=False).state_dict())
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    assert not all(torch.equal(outputs[0][k], outputs[2][k]) for k in outputs[0])
+
+
+def test_no_op_is_an_error(cli, tmp_path, model_files):
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--sparsity", "0", model_files["cnn"], "-o", out)
+    assert result.exit_code == 3 and "nothing changed" in result.stderr and not out.exists()
+    result = cli("prune", "--sparsity", "0.5", model_files["cnn"], "--exclude", "*", "-o", out, "--json")
+    assert result.exit_code == 3 and not result.json["ok"] and "no layer could be pruned" in result.stderr
+    assert not out.exists()
+
+
+def test_target_missed_is_an_error(cli, tmp_path, model_files):
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--sparsity", "0.99", "--min-density", "0.5", model_files["cnn"], "-o", out)
+    assert result.exit_code == 3 and "capped by --min-density" in result.stderr and not out.exists()
+
+
+def test_already_pruned_model_is_reported(cli, tmp_path, model_files):
+    first = tmp_path / "first.pt"
+    assert cli("prune", "--sparsity", "0.9", model_files["cnn"], "-o", first, "--quiet").exit_code == 0
+    out = tmp_path / "second.pt"
+    result = cli("prune", "--sparsity", "0.5", first, "-o", out)
+    assert result.exit_code == 3 and "already at 90.00%" in result.stderr and not out.exists()
+
+
+def test_report_json_fields(cli, tmp_path, model_files):
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--sparsity", "0.8", "--exclude", "conv_layers.3", model_files["cnn"], "-o", out, "--json")
+    report = result.json
+    assert report["provenance"]["input_sha256"] == sha256(model_files["cnn"])
+    assert report["provenance"]["seed"] == 0 and report["provenance"]["torch"] == torch.__version__
+    assert report["files"]["output_bytes"] == out.stat().st_size
+    assert report["before"]["params"] == report["after"]["params"] == 390410
+    assert report["after"]["effective_flops"] < report["before"]["effective_flops"]
+    skipped = {row["name"]: row["skipped"] for row in report["layers"]}
+    assert skipped["conv_layers.3.weight"] == "--exclude conv_layers.3"
+    assert "no speedup" in report["form"]["speed"]
+
+
+def test_example_entry_point_prints_accuracy(tmp_path):
+    """The README's main job, through the installed console script."""
+    exe = Path(sys.executable).with_name("srcompress")
+    done = subprocess.run([str(exe), "prune", "--sparsity", "0.9", "--example", "mnist", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["evaluation"]["before"] > 0.99
+    assert report["evaluation"]["after"] > 0.95
+    assert (tmp_path / "mnist.pruned.pt2").exists()
+    loaded = torch.export.load(str(tmp_path / "mnist.pruned.pt2")).module()
+    x, y = assets.mnist5k("test")
+    accuracy = float((loaded(x).argmax(1) == y).float().mean())
+    assert abs(accuracy - report["evaluation"]["after"]) < 1e-6
