@@ -66,15 +66,24 @@ def main() -> None:
     pass
 
 
-@main.command(help="Prune a model to a target sparsity and save it (zeros baked into plain weights).\n\n" + PICKLE_NOTE)
+@main.command(help="Prune a model and save it: zeros baked into plain weights (masks), or whole neurons, channels "
+                   "and heads removed (--structured).\n\n" + PICKLE_NOTE)
 @click.argument("model_path", required=False, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove in the pruned layers, in [0, 1).")
+@click.option("--sparsity", type=float, default=None,
+              help="Fraction removed, in [0, 1): of weights in the pruned layers, or of units (channels) with --structured.")
 @click.option("--pattern", default="unstructured", show_default=True, help="unstructured, N:M (e.g. 2:4, along inputs) or block:RxC (e.g. block:32x32).")
-@click.option("--method", default="magnitude", show_default=True, help="How weights are scored: magnitude or random.")
-@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
-              help="global: one ranking across layers; layer: every layer at the target.")
-@click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer always kept.")
-@click.option("--exclude", multiple=True, help="Keep layers matching this glob dense (repeatable), e.g. 'classifier.*'.")
+@click.option("--structured", is_flag=True, help="Remove whole neurons, channels, channel groups and attention heads.")
+@click.option("--target", "target", default=None, help="With --structured: channels:F, params:F or flops:F (fraction removed).")
+@click.option("--method", default="magnitude", show_default=True,
+              help="magnitude or random (masks); l1 (also 'magnitude') or random with --structured.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
+              help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks, layer for --structured.")
+@click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer (or channel group) always kept.")
+@click.option("--round-to", type=int, default=None, help="With --structured: kept channels per group rounded to a multiple of N.")
+@click.option("--hardware", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Deployment target; gpu rounds structured widths to multiples of 8 unless --round-to is given.")
+@click.option("--uniform", is_flag=True, help="With --structured: equivalent groups (e.g. every FFN) keep equal widths.")
+@click.option("--exclude", multiple=True, help="Keep layers (or groups) matching this glob dense (repeatable), e.g. 'classifier.*'.")
 @click.option("--prune-first/--keep-first", default=False, show_default=True, help="Prune the first conv (kept dense by default).")
 @click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer (kept dense by default).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output file (default: <name>.pruned.<ext> here).")
@@ -83,28 +92,64 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices (random method, tie-breaks).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @_model_options
-def prune(model_path, sparsity, pattern, method, scope, min_density, exclude, prune_first, prune_last, output, fmt, force,
-          seed, quiet, example, arch, trust_pickle, input_shape, input_dtype, as_json):
-    from .compress.masks import MaskSpec
-    from .compress.patterns import Pattern
-    from .compress.registry import get_method
-
+def prune(model_path, sparsity, pattern, structured, target, method, scope, min_density, round_to, hardware, uniform, exclude,
+          prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle, input_shape, input_dtype, as_json):
     ui.enable(not (quiet or as_json))
     console = ui.stdout_console(quiet=as_json)
     try:
-        parsed = Pattern.parse(pattern)
-        if sparsity is None:
-            if parsed.fixed_sparsity is None:
-                raise SrcompressError("--sparsity is required", "pass e.g. --sparsity 0.9")
-            sparsity = parsed.fixed_sparsity
-        spec = MaskSpec(sparsity=sparsity, pattern=parsed, scope=scope, min_density=min_density, exclude=tuple(exclude),
-                        keep_first=not prune_first, keep_last=not prune_last, seed=seed)
-        spec.validate()
-        get_method(method)
+        if structured:
+            spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed)
+        else:
+            if target or round_to or uniform:
+                raise SrcompressError("--target, --round-to and --uniform apply to structured pruning", "add --structured")
+            spec = _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prune_last, seed)
+        from .compress.registry import get_method
+
+        get_method(method, structured=structured)
         output = _default_output(model_path, example, fmt, output)
-        _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force, as_json)
+        _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt,
+                   force, as_json, structured)
     except SrcompressError as err:
         _fail(err, as_json)
+
+
+def _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prune_last, seed):
+    from .compress.masks import MaskSpec
+    from .compress.patterns import Pattern
+
+    parsed = Pattern.parse(pattern)
+    if sparsity is None:
+        if parsed.fixed_sparsity is None:
+            raise SrcompressError("--sparsity is required", "pass e.g. --sparsity 0.9")
+        sparsity = parsed.fixed_sparsity
+    spec = MaskSpec(sparsity=sparsity, pattern=parsed, scope=scope or "global", min_density=min_density,
+                    exclude=tuple(exclude), keep_first=not prune_first, keep_last=not prune_last, seed=seed)
+    spec.validate()
+    return spec
+
+
+def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed):
+    from .compress.structured import StructuredSpec
+
+    if pattern != "unstructured":
+        raise SrcompressError("--pattern does not apply to --structured pruning", "drop --pattern, or drop --structured for a mask pattern")
+    kind, amount = "channels", sparsity
+    if target:
+        if sparsity is not None:
+            raise SrcompressError("give either --sparsity or --target, not both", "e.g. --target flops:0.5")
+        kind, _, value = target.partition(":")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise SrcompressError(f"--target {target!r} is not KIND:FRACTION", "e.g. --target flops:0.5 or params:0.3") from None
+    if amount is None:
+        raise SrcompressError("--sparsity (fraction of channels) or --target is required", "pass e.g. --sparsity 0.5")
+    if round_to is None and hardware == "gpu":
+        round_to = 8
+    spec = StructuredSpec(amount, kind, "global" if scope == "global" else "uniform", min_keep=min_density,
+                          round_to=round_to, exclude=tuple(exclude), uniform_widths=uniform, seed=seed)
+    spec.validate()
+    return spec
 
 
 def _default_output(model_path: Path | None, example: str | None, fmt: str | None, output: Path | None) -> Path:
@@ -118,30 +163,39 @@ def _default_output(model_path: Path | None, example: str | None, fmt: str | Non
     return Path(f"{stem}.pruned{ext}")
 
 
-def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force, as_json):
+def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force,
+               as_json, structured):
     import torch
 
     from .io import check_output_path, save_model
-    from .pipeline import prune_model
-    from .report import provenance, render_prune
+    from .pipeline import prune_model, prune_structured
+    from .report import provenance, render_prune, render_structured
 
     torch.manual_seed(spec.seed)
     loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     with ui.phase(f"pruning with {method}"):
-        report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
+        if structured:
+            report = prune_structured(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
+        else:
+            report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
     report.notes = loaded.notes + report.notes
     if source == "guessed":
         report.notes.append(f"example input shape {list(inputs[0].shape)} was guessed; pass --input-shape to set it")
+    if structured and (fmt or loaded.format) == "state_dict":
+        report.notes.append("a state dict of a structurally pruned model only loads into a module built with the pruned "
+                            "widths; prefer --format pt2, which reloads with torch.export.load alone")
     report.provenance = provenance(spec.seed, loaded.sha256)
     if report.ok:
         with ui.phase(f"saving {output}"):
-            written = save_model(loaded, output, fmt, example_inputs=inputs, force=force)
+            written = save_model(loaded, output, fmt, example_inputs=inputs, force=force, reuse_program=not structured)
         report.files = {"input": str(loaded.path) if loaded.path else f"example:{example}",
                         "input_bytes": loaded.path.stat().st_size if loaded.path else None,
                         "output": str(written), "output_bytes": written.stat().st_size, "format": fmt or loaded.format}
     if as_json:
         click.echo(json.dumps(report.to_json()))
+    elif structured:
+        render_structured(console, report)
     else:
         render_prune(console, report)
     if not report.ok:

@@ -1,17 +1,25 @@
-"""The prune stage as one function: trace, plan, mask, measure, and say whether the request was met."""
+"""The prune stage: masks (``prune_model``) or physical removal (``prune_structured``), each measured and judged."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 from torch import nn
 
+from . import ui
+from .compress.graph import build_graph
 from .compress.layers import trace_layers
 from .compress.masks import MaskSpec, apply_masks, compute_masks, plan_layers
 from .compress.registry import get_method
+from .compress.structured import (GroupDecision, StructuredSpec, allocate, candidate_groups, lowest, model_costs,
+                                  remove_units, soft_remove)
 from .errors import SrcompressError
-from .inputs import set_eval
-from .report import FORMS, PruneReport, layer_stats, model_totals
+from .inputs import run_model, set_eval
+from .io import flatten_outputs
+from .report import FORMS, PruneReport, StructuredReport, layer_stats, model_totals
 
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 
@@ -96,3 +104,141 @@ def _judge(report: PruneReport, plans) -> None:
         report.ok, report.problem = False, (
             f"sparsity reached {sp['reached']:.2%} differs from the {sp['asked']:.2%} asked by more than one pruning unit per layer "
             f"({'capped by --min-density ' + format(report.request['min_density'], 'g') if sp['reached'] < sp['asked'] else 'the layers already held more zeros'})")
+
+
+@dataclass
+class StructuredContext:
+    """What a structured method may use besides the graph."""
+
+    model: nn.Module
+    example_inputs: tuple
+    spec: StructuredSpec
+    seed: int = 0
+    calibration: Any = None  # calibration data for data-driven methods
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: tuple,
+    spec: StructuredSpec,
+    method: str = "l1",
+    *,
+    evaluate: Evaluator | None = None,
+    calibration: Any = None,
+    input_source: str = "given",
+) -> StructuredReport:
+    """Remove whole neurons, channels, channel groups and heads from ``model`` in place and report it.
+
+    The result is a plain dense model with fewer channels. It is run on the example input afterwards;
+    if the model's own code cannot run at the new widths (e.g. a hard-coded reshape), this raises.
+    """
+    chosen = get_method(method, structured=True)
+    spec.validate()
+    if chosen.needs_data and calibration is None:
+        raise SrcompressError(f"method {method!r} needs calibration data", "pass --calib DATA")
+    set_eval(model)
+    reference = flatten_outputs(run_model(model, example_inputs))
+    layers, _ = trace_layers(model, example_inputs)
+    flops = {layer.name: layer.flops for layer in layers}
+    eval_before = evaluate(model) if evaluate else None
+    with ui.phase("tracing the channel graph"):
+        graph = build_graph(model, example_inputs)
+    groups, skipped = candidate_groups(graph, spec)
+    context = StructuredContext(model, example_inputs, spec, spec.seed, calibration)
+    scores = {g.index: np.asarray(chosen.unit_score(graph, g, context)) for g in groups} if chosen.unit_score else None
+    counts = allocate(graph, groups, spec, flops, scores)
+    params_before, flops_before = model_costs(graph, flops, set())
+    decisions: dict[int, GroupDecision] = {}
+    for group in ui.track(groups, f"{method}: choosing units"):
+        count = counts.get(group.index, 0)
+        if count == 0:
+            continue
+        decision = chosen.select(graph, group, count, context) if chosen.select else GroupDecision(lowest(scores[group.index], count))
+        soft_remove(graph, group, decision.removed, decision.updates)
+        decisions[group.index] = decision
+    changed = remove_units(graph, {i: d.removed for i, d in decisions.items()})
+    _verify(model, example_inputs, reference)
+    params_after = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    layers_after, _ = trace_layers(model, example_inputs)
+    flops_after = sum(layer.flops for layer in layers_after)
+    eval_after = evaluate(model) if evaluate else None
+
+    total_units = sum(g.size for g in groups)
+    removed_units = sum(len(d.removed) for d in decisions.values())
+    rows = []
+    for group in graph.groups:
+        decision = decisions.get(group.index)
+        rows.append({
+            "name": group.name, "kind": group.kind, "units_before": group.size,
+            "units_after": group.size - (len(decision.removed) if decision else 0), "unit_width": group.unit_width,
+            "producers": [p for p, _ in group.producers], "consumers": [c for c, _ in group.consumers],
+            "skipped": skipped.get(group.name, ""), **({"info": decision.info} if decision and decision.info else {}),
+        })
+    reached = {"channels": removed_units / max(total_units, 1), "params": 1 - params_after / max(params_before, 1),
+               "flops": 1 - flops_after / max(flops_before, 1)}
+    steps = sum(_bounds_step(g, spec) for g in groups)
+    report = StructuredReport(
+        request={"method": method, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
+                 "min_keep": spec.min_keep, "round_to": spec.round_to, "exclude": list(spec.exclude),
+                 "uniform_widths": spec.uniform_widths, "seed": spec.seed},
+        groups=rows, before={"params": params_before, "flops": flops_before},
+        after={"params": params_after, "flops": flops_after},
+        reached=reached, tolerance=steps / max(total_units, 1) if spec.target == "channels" else 0.0,
+        unplaced=dict(graph.unplaced), changed_tensors={k: [list(a), list(b)] for k, (a, b) in changed.items()},
+        example_input={"shapes": [list(t.shape) for t in example_inputs], "source": input_source},
+        hf_config=hf_config_note(model),
+    )
+    if eval_before is not None:
+        report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
+    _judge_structured(report, groups, spec)
+    return report
+
+
+def _bounds_step(group, spec: StructuredSpec) -> int:
+    return max(1, (spec.round_to // math.gcd(group.unit_width, spec.round_to)) if spec.round_to else 1)
+
+
+def _verify(model: nn.Module, example_inputs: tuple, reference: list) -> None:
+    try:
+        outputs = flatten_outputs(run_model(model, example_inputs))
+    except SrcompressError as err:
+        raise SrcompressError(
+            f"the pruned model no longer runs: {err.problem}; its code probably hard-codes a width that was pruned",
+            "exclude that layer's group with --exclude, or register the module with srcompress.compress.graph.register_module",
+        ) from err
+    if [tuple(o.shape) for o in outputs] != [tuple(r.shape) for r in reference]:
+        raise SrcompressError("the pruned model's outputs changed shape", "report this model; exclude the groups that feed the output")
+
+
+def _judge_structured(report: StructuredReport, groups, spec: StructuredSpec) -> None:
+    reached = report.reached[spec.target]
+    if not groups:
+        report.ok, report.problem = False, "no channel group can be pruned (see the unplaced layers)"
+    elif not report.changed_tensors:
+        report.ok, report.problem = False, "nothing changed: no unit was removed"
+    elif spec.target == "channels" and abs(reached - spec.amount) > report.tolerance + 1e-9:
+        report.ok, report.problem = False, (f"removed {reached:.2%} of units, not {spec.amount:.2%}: the per-group floor "
+                                            f"(--min-keep) or --round-to stops it")
+    elif spec.target != "channels" and reached + 1e-9 < spec.amount:
+        report.ok, report.problem = False, f"removed {reached:.2%} of {spec.target}, short of {spec.amount:.2%}: floors or rounding stop it"
+
+
+def hf_config_note(model: nn.Module) -> dict[str, Any] | None:
+    """For Hugging Face models: can the pruned widths still be written in the model's config?"""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        return None
+    ffn = sorted({m.out_features for name, m in model.named_modules() if name.endswith("intermediate.dense") and isinstance(m, nn.Linear)})
+    heads = sorted({m.num_attention_heads for m in model.modules() if hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size")})
+    notes, expressible = [], True
+    if len(ffn) > 1:
+        expressible = False
+        notes.append(f"FFN widths differ across layers ({ffn[0]}..{ffn[-1]}); use --uniform")
+    elif ffn and ffn[0] != getattr(config, "intermediate_size", ffn[0]):
+        config.intermediate_size = ffn[0]
+        notes.append(f"config.intermediate_size set to {ffn[0]}")
+    if heads and heads != [config.num_attention_heads]:
+        expressible = False
+        notes.append("head counts changed: the config derives head size from hidden_size / num_attention_heads, so it cannot "
+                     "express removed heads; reload the saved .pt/.pt2 file instead of from_pretrained")
+    return {"config_expressible": expressible, "notes": notes}

@@ -174,3 +174,67 @@ def render_prune(console: Console, report: PruneReport) -> None:
         console.print(f"wrote {f['output']} ({f['format']}, {sizes})")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+STRUCTURED_FORM = ("physically narrower layers: a plain dense model with fewer channels",
+                   "smaller on disk and in memory, and faster on every runtime when the removed layers dominate run time; "
+                   "measure it on the target with `srcompress bench`, since narrow or oddly sized layers can gain nothing")
+
+
+@dataclass
+class StructuredReport:
+    """What a structured prune removed; ``to_json`` is what ``--json`` prints."""
+
+    request: dict[str, Any]
+    groups: list[dict[str, Any]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    reached: dict[str, float]
+    tolerance: float
+    unplaced: dict[str, str]
+    changed_tensors: dict[str, Any]
+    example_input: dict[str, Any]
+    hf_config: dict[str, Any] | None = None
+    form: dict[str, str] = field(default_factory=lambda: dict(zip(("form", "speed"), STRUCTURED_FORM)))
+    evaluation: dict[str, Any] | None = None
+    files: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ok: bool = True
+    problem: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def render_structured(console: Console, report: StructuredReport) -> None:
+    req = report.request
+    table = Table(title=f"srcompress prune --structured: {req['method']}, {req['amount']:.0%} of {req['target']} "
+                        f"({req['allocation']} allocation)")
+    for column, justify in (("group", "left"), ("kind", "left"), ("units", "right"), ("width", "right"), ("note", "left")):
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column not in ("group", "note"))
+    for row in report.groups:
+        table.add_row(row["name"], row["kind"], f"{row['units_before']}→{row['units_after']}", str(row["unit_width"]), row["skipped"])
+    console.print(table)
+    b, a = report.before, report.after
+    console.print(f"parameters {_count(b['params'])} → {_count(a['params'])} ({a['params'] / max(b['params'], 1):.1%}); "
+                  f"conv/linear FLOPs per example {_count(b['flops'])} → {_count(a['flops'])} ({a['flops'] / max(b['flops'], 1):.1%})")
+    r = report.reached
+    console.print(f"removed {r['channels']:.1%} of units, {r['params']:.1%} of parameters, {r['flops']:.1%} of FLOPs")
+    console.print(f"output form: {report.form['form']}. Speed: {report.form['speed']}.")
+    if report.unplaced:
+        console.print(f"{len(report.unplaced)} layer(s) keep their output channels:")
+        for name, why in report.unplaced.items():
+            console.print(f"  {name}: {why}")
+    if report.hf_config:
+        state = "expressible" if report.hf_config["config_expressible"] else "NOT expressible"
+        console.print(f"Hugging Face config: pruned widths are {state}. " + " ".join(report.hf_config["notes"]))
+    if report.evaluation:
+        ev = report.evaluation
+        console.print(f"{ev['metric']} on {ev['dataset']}: before {ev['before']:.2%}, after {ev['after']:.2%} "
+                      f"({(ev['after'] - ev['before']) * 100:+.2f} points)")
+    if report.files.get("output"):
+        f = report.files
+        console.print(f"wrote {f['output']} ({f['format']}, {_count(f['output_bytes'])}B)")
+    for note in report.notes:
+        console.print(f"note: {note}")

@@ -11,22 +11,40 @@ from ..errors import SrcompressError
 METHODS = {
     "magnitude": "srcompress.compress.scores:MAGNITUDE",
     "random": "srcompress.compress.scores:RANDOM",
+    "l1": "srcompress.compress.scores:L1_CHANNELS",
+    "random-channels": "srcompress.compress.scores:RANDOM_CHANNELS",
 }
 
 
 @dataclass(frozen=True)
 class Method:
-    """A pruning method. ``mask`` methods give element scores to the shared mask machinery."""
+    """A pruning method.
+
+    ``mask`` methods give element scores (``score``) to the shared mask machinery. ``structured`` methods
+    either score units (``unit_score(graph, group, context) -> array``, lowest removed first, which also
+    allows global allocation) or choose and compensate group by group (``select(graph, group, count,
+    context) -> GroupDecision``).
+    """
 
     name: str
     summary: str
     kind: str  # "mask" (zeros in dense weights) or "structured" (physically narrower layers)
     needs_data: bool = False
     score: Callable[..., Any] | None = None
+    unit_score: Callable[..., Any] | None = None
+    select: Callable[..., Any] | None = None
 
 
-def get_method(name: str) -> Method:
+STRUCTURED_ALIASES = {"magnitude": "l1", "random": "random-channels"}
+
+
+def get_method(name: str, structured: bool = False) -> Method:
+    if structured:
+        name = STRUCTURED_ALIASES.get(name, name)
     if name not in METHODS:
         raise SrcompressError(f"unknown method {name!r}", f"use one of {', '.join(sorted(METHODS))}")
     module_name, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module_name), attr)
+    method = getattr(importlib.import_module(module_name), attr)
+    if structured and method.kind != "structured":
+        raise SrcompressError(f"method {name!r} makes masks, not structured pruning", "drop --structured or pick a structured method (l1, random)")
+    return method

@@ -1,4 +1,4 @@
-"""The baseline scores every other method is compared against: weight magnitude and random."""
+"""The baselines every other method is compared against: weight magnitude / L1 norm and random."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from .layers import Layer
 from .registry import Method
+from .structured import l1_scores, random_scores
 
 
 def magnitude_score(layer: Layer, matrix: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -20,3 +21,9 @@ def random_score(layer: Layer, matrix: torch.Tensor, gen: torch.Generator) -> to
 
 MAGNITUDE = Method("magnitude", "prune the smallest |w| (data-free)", kind="mask", score=magnitude_score)
 RANDOM = Method("random", "prune at random (seeded baseline)", kind="mask", score=random_score)
+
+
+L1_CHANNELS = Method("l1", "remove the units with the smallest L1 norm of their weights (data-free)", kind="structured",
+                     unit_score=lambda graph, group, context: l1_scores(graph, group))
+RANDOM_CHANNELS = Method("random-channels", "remove random units (seeded baseline)", kind="structured",
+                         unit_score=lambda graph, group, context: random_scores(group, context.seed))
