@@ -93,3 +93,106 @@ def minilm():
     except ImportError as err:
         raise SrcompressError("all-MiniLM-L6-v2 needs sentence-transformers", ASSET_FIX) from err
     return SentenceTransformer(str(model_dir), device="cpu").eval()
+
+
+EVAL_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "china", "camera", "coins", "moon", "retina")
+CALIB_PHOTOS = ("flower", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "clock", "cell", "page")
+
+
+def _photo(name: str) -> np.ndarray:
+    """A real photo shipped with scikit-image or scikit-learn, as HxWx3 uint8."""
+    try:
+        if name in ("china", "flower"):
+            from sklearn.datasets import load_sample_image
+
+            image = load_sample_image(f"{name}.jpg")
+        else:
+            import skimage.data
+
+            image = getattr(skimage.data, name)()
+    except ImportError as err:
+        raise SrcompressError("the photos need scikit-image and scikit-learn", ASSET_FIX) from err
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image[..., :3].astype(np.uint8)
+
+
+def image_crops(split: str = "test", count: int = 128, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """ImageNet-normalised random crops (scale 0.25-1, aspect 3/4-4/3, random flip) of real photos.
+
+    ``test`` crops come from nine photos (a cat, an espresso, an astronaut, ...), ``calib`` from nine
+    others, so calibration never sees an evaluation photo. Crops cycle through the photos in order.
+    """
+    names = {"test": EVAL_PHOTOS, "calib": CALIB_PHOTOS}.get(split)
+    if names is None:
+        raise SrcompressError(f"unknown image split {split!r}", "use test or calib")
+    photos = [torch.from_numpy(_photo(n)).permute(2, 0, 1).float() / 255 for n in names]
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        _, height, width = photo.shape
+        area = height * width * (0.25 + 0.75 * float(torch.rand(1, generator=gen)))
+        aspect = float(torch.exp(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen)))
+        h = min(height, int(round((area / aspect) ** 0.5)))
+        w = min(width, int(round((area * aspect) ** 0.5)))
+        top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+        crop = photo[:, top:top + h, left:left + w]
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            crop = crop.flip(-1)
+        crop = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        crops.append((crop - mean) / std)
+    return torch.stack(crops)
+
+
+@lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    import re
+
+    from pydoc_data.topics import topics
+
+    seen, out = set(), []
+    for key in sorted(topics):
+        text = " ".join(topics[key].split())
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            words = sentence.split()
+            letters = sum(ch.isalpha() or ch == " " for ch in sentence)
+            if 6 <= len(words) <= 40 and letters > 0.85 * len(sentence) and sentence[-1] in ".!?" and sentence not in seen:
+                seen.add(sentence)
+                out.append(sentence)
+    return tuple(out)
+
+
+def sentences(split: str = "test", count: int | None = None) -> list[str]:
+    """Real English sentences from the Python language reference shipped with CPython (``pydoc_data``).
+
+    Every fifth sentence is held out as ``test``; the rest are ``calib``.
+    """
+    everything = _all_sentences()
+    if split == "test":
+        chosen = everything[::5]
+    elif split == "calib":
+        chosen = [s for i, s in enumerate(everything) if i % 5]
+    else:
+        raise SrcompressError(f"unknown sentence split {split!r}", "use test or calib")
+    return list(chosen[:count] if count else chosen)
+
+
+def minilm_tokens(model, texts: list[str]) -> dict:
+    """Token ids and attention mask for a SentenceTransformer's tokenizer, padded to the longest text."""
+    return model.tokenizer(texts, padding=True, truncation=True, max_length=model.max_seq_length, return_tensors="pt")
+
+
+def minilm_embed(bert: torch.nn.Module, tokens: dict) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings: mean of token states over the attention mask, L2-normalised."""
+    from .io import flatten_outputs
+
+    with torch.no_grad():
+        states = flatten_outputs(bert(tokens["input_ids"], tokens["attention_mask"]))[0]
+    mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
+    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

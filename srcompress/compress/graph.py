@@ -213,8 +213,13 @@ class Coupler:
     def outputs(self) -> list:
         return list(self._outputs)
 
-    def set_output(self, node, atoms: Act) -> None:
-        self.output_atoms[node] = atoms
+    def set_output(self, node, dim: int, vec: np.ndarray) -> None:
+        """Output ``node`` carries the channels ``vec`` along ``dim`` (and no channel identity elsewhere)."""
+        shape = _shape(node)
+        dim = dim % len(shape)
+        atoms = np.full([len(vec) if d == dim else 1 for d in range(len(shape))], NONE, dtype=np.int64)
+        atoms.reshape(-1)[:] = vec
+        self.output_atoms[node] = Act(atoms)
 
     def depends_on(self, node, target_name: str) -> bool:
         """Whether output ``node`` is computed from the weight ``target_name`` inside the module."""
@@ -1095,9 +1100,7 @@ def _mha_couple(c: Coupler) -> None:
     for node in c.outputs():
         shape = _shape(node)
         if c.depends_on(node, "out_proj.weight") and shape and shape[-1] == out_rows.shape[0]:
-            atoms = np.full((1,) * (len(shape) - 1) + (shape[-1],), NONE, dtype=np.int64)
-            atoms[..., :] = out_rows
-            c.set_output(node, Act(atoms))
+            c.set_output(node, -1, out_rows)
         else:
             c.fix(rows, f"attention weights of {c.path} are returned and used")
 

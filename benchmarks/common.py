@@ -1,0 +1,64 @@
+"""Shared benchmark plumbing: environment record, timing in one run, ONNX Runtime sessions, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    import numpy
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def onnx_session(model: torch.nn.Module, inputs: tuple, folder: str | None = None):
+    """Export with the dynamo exporter (dynamic batch) and open an ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    folder = folder or tempfile.mkdtemp(prefix="srcompress-bench-")
+    path = os.path.join(folder, f"m{id(model)}.onnx")
+    dims = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in inputs)
+    torch.onnx.export(model.eval(), inputs, path, dynamo=True, external_data=False, dynamic_shapes=dims)
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def write_results(name: str, payload: dict, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "environment": environment(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    return RESULTS / f"{name}.json"
