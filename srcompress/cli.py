@@ -75,7 +75,7 @@ def main() -> None:
 @click.option("--structured", is_flag=True, help="Remove whole neurons, channels, channel groups and attention heads.")
 @click.option("--target", "target", default=None, help="With --structured: channels:F, params:F or flops:F (fraction removed).")
 @click.option("--method", default="magnitude", show_default=True,
-              help="magnitude or random (masks); l1 (also 'magnitude') or random with --structured.")
+              help="magnitude or random (masks); l1 (also 'magnitude'), random or surgery (data-free) remove units and imply --structured.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
               help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks, layer for --structured.")
 @click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer (or channel group) always kept.")
@@ -83,6 +83,8 @@ def main() -> None:
 @click.option("--hardware", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Deployment target; gpu rounds structured widths to multiples of 8 unless --round-to is given.")
 @click.option("--uniform", is_flag=True, help="With --structured: equivalent groups (e.g. every FFN) keep equal widths.")
+@click.option("--saliency-threshold", type=float, default=None,
+              help="Surgery: remove units while their normalised saliency stays below this (instead of --sparsity).")
 @click.option("--exclude", multiple=True, help="Keep layers (or groups) matching this glob dense (repeatable), e.g. 'classifier.*'.")
 @click.option("--prune-first/--keep-first", default=False, show_default=True, help="Prune the first conv (kept dense by default).")
 @click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer (kept dense by default).")
@@ -92,19 +94,24 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random choices (random method, tie-breaks).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @_model_options
-def prune(model_path, sparsity, pattern, structured, target, method, scope, min_density, round_to, hardware, uniform, exclude,
-          prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle, input_shape, input_dtype, as_json):
+def prune(model_path, sparsity, pattern, structured, target, method, scope, min_density, round_to, hardware, uniform,
+          saliency_threshold, exclude, prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle,
+          input_shape, input_dtype, as_json):
+    from .compress.registry import METHODS, get_method
+
     ui.enable(not (quiet or as_json))
     console = ui.stdout_console(quiet=as_json)
     try:
+        if method in METHODS and get_method(method).kind == "structured":
+            structured = True
         if structured:
-            spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed)
+            spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed,
+                                    saliency_threshold)
         else:
-            if target or round_to or uniform:
-                raise SrcompressError("--target, --round-to and --uniform apply to structured pruning", "add --structured")
+            if target or round_to or uniform or saliency_threshold is not None:
+                raise SrcompressError("--target, --round-to, --uniform and --saliency-threshold apply to structured pruning",
+                                      "add --structured")
             spec = _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prune_last, seed)
-        from .compress.registry import get_method
-
         get_method(method, structured=structured)
         output = _default_output(model_path, example, fmt, output)
         _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt,
@@ -128,7 +135,7 @@ def _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prun
     return spec
 
 
-def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed):
+def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed, threshold=None):
     from .compress.structured import StructuredSpec
 
     if pattern != "unstructured":
@@ -142,12 +149,12 @@ def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, ha
             amount = float(value)
         except ValueError:
             raise SrcompressError(f"--target {target!r} is not KIND:FRACTION", "e.g. --target flops:0.5 or params:0.3") from None
-    if amount is None:
+    if amount is None and threshold is None:
         raise SrcompressError("--sparsity (fraction of channels) or --target is required", "pass e.g. --sparsity 0.5")
     if round_to is None and hardware == "gpu":
         round_to = 8
-    spec = StructuredSpec(amount, kind, "global" if scope == "global" else "uniform", min_keep=min_density,
-                          round_to=round_to, exclude=tuple(exclude), uniform_widths=uniform, seed=seed)
+    spec = StructuredSpec(amount or 0.0, kind, "global" if scope == "global" else "uniform", min_keep=min_density,
+                          round_to=round_to, exclude=tuple(exclude), uniform_widths=uniform, seed=seed, stop_threshold=threshold)
     spec.validate()
     return spec
 

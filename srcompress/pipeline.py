@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -115,6 +116,7 @@ class StructuredContext:
     spec: StructuredSpec
     seed: int = 0
     calibration: Any = None  # calibration data for data-driven methods
+    original: nn.Module | None = None  # a frozen copy of the model before pruning (targets for data-driven methods)
 
 
 def prune_structured(
@@ -144,7 +146,8 @@ def prune_structured(
     with ui.phase("tracing the channel graph"):
         graph = build_graph(model, example_inputs)
     groups, skipped = candidate_groups(graph, spec)
-    context = StructuredContext(model, example_inputs, spec, spec.seed, calibration)
+    original = copy.deepcopy(model) if chosen.needs_data else None
+    context = StructuredContext(model, example_inputs, spec, spec.seed, calibration, original)
     scores = {g.index: np.asarray(chosen.unit_score(graph, g, context)) for g in groups} if chosen.unit_score else None
     counts = allocate(graph, groups, spec, flops, scores)
     params_before, flops_before = model_costs(graph, flops, set())
@@ -178,9 +181,9 @@ def prune_structured(
                "flops": 1 - flops_after / max(flops_before, 1)}
     steps = sum(_bounds_step(g, spec) for g in groups)
     report = StructuredReport(
-        request={"method": method, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
+        request={"method": chosen.name, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
                  "min_keep": spec.min_keep, "round_to": spec.round_to, "exclude": list(spec.exclude),
-                 "uniform_widths": spec.uniform_widths, "seed": spec.seed},
+                 "uniform_widths": spec.uniform_widths, "seed": spec.seed, "stop_threshold": spec.stop_threshold},
         groups=rows, before={"params": params_before, "flops": flops_before},
         after={"params": params_after, "flops": flops_after},
         reached=reached, tolerance=steps / max(total_units, 1) if spec.target == "channels" else 0.0,
@@ -212,6 +215,8 @@ def _verify(model: nn.Module, example_inputs: tuple, reference: list) -> None:
 
 def _judge_structured(report: StructuredReport, groups, spec: StructuredSpec) -> None:
     reached = report.reached[spec.target]
+    if spec.stop_threshold is not None and groups and report.changed_tensors:
+        return  # the saliency threshold, not an amount, decided how much went
     if not groups:
         report.ok, report.problem = False, "no channel group can be pruned (see the unplaced layers)"
     elif not report.changed_tensors:

@@ -207,14 +207,39 @@ class StructuredReport:
         return asdict(self)
 
 
+def sparkline(values: list[float], width: int = 24) -> str:
+    """A log-scale sparkline of a curve, so the knee of a saliency curve is visible in a terminal."""
+    import math
+
+    if not values:
+        return ""
+    bars = "▁▂▃▄▅▆▇█"
+    step = max(1, math.ceil(len(values) / width))
+    points = [math.log10(max(v, 1e-12)) for v in values[::step]]
+    low, high = min(points), max(points)
+    span = (high - low) or 1.0
+    return "".join(bars[min(len(bars) - 1, int((p - low) / span * len(bars)))] for p in points)
+
+
 def render_structured(console: Console, report: StructuredReport) -> None:
     req = report.request
     table = Table(title=f"srcompress prune --structured: {req['method']}, {req['amount']:.0%} of {req['target']} "
                         f"({req['allocation']} allocation)")
-    for column, justify in (("group", "left"), ("kind", "left"), ("units", "right"), ("width", "right"), ("note", "left")):
+    curves = any("saliency_curve" in row.get("info", {}) for row in report.groups)
+    columns = [("group", "left"), ("kind", "left"), ("units", "right"), ("width", "right")]
+    columns += [("saliency curve (log, to the floor)", "left"), ("at cut", "right")] if curves else []
+    for column, justify in columns + [("note", "left")]:
         table.add_column(column, justify=justify, overflow="fold", no_wrap=column not in ("group", "note"))
     for row in report.groups:
-        table.add_row(row["name"], row["kind"], f"{row['units_before']}→{row['units_after']}", str(row["unit_width"]), row["skipped"])
+        cells = [row["name"], row["kind"], f"{row['units_before']}→{row['units_after']}", str(row["unit_width"])]
+        if curves:
+            info = row.get("info", {})
+            curve = info.get("saliency_curve", [])
+            removed = row["units_before"] - row["units_after"]
+            cut = f"{curve[removed - 1]:.3g}" if 0 < removed <= len(curve) else ""
+            cells += [sparkline(curve), cut]
+        note = row["skipped"] or ("approximate (activation not positively homogeneous)" if row.get("info", {}).get("approximate") else "")
+        table.add_row(*cells, note)
     console.print(table)
     b, a = report.before, report.after
     console.print(f"parameters {_count(b['params'])} → {_count(a['params'])} ({a['params'] / max(b['params'], 1):.1%}); "

@@ -135,6 +135,15 @@ class ChannelGroup:
 
 
 @dataclass
+class LayerInfo:
+    """What follows a conv/linear weight in the forward pass (used to fold BatchNorm and classify activations)."""
+
+    bias: str | None = None
+    batch_norm: dict[str, Any] | None = None  # names of weight, bias, running_mean, running_var, and eps
+    ops_after: set[str] = field(default_factory=set)  # operators between this layer and the next weighted ones
+
+
+@dataclass
 class ModuleRule:
     """How a module's channels couple, for modules the graph should treat as one opaque step."""
 
@@ -162,6 +171,8 @@ class Graph:
     unplaced: dict[str, str] = field(default_factory=dict)  # weight -> why its output channels stay
     replaced_modules: dict[str, ModuleRule] = field(default_factory=dict)
     op_users: dict[str, list[str]] = field(default_factory=dict)  # weight -> module paths that use it
+    layers: dict[str, "LayerInfo"] = field(default_factory=dict)  # weight -> bias, following BatchNorm, ops after it
+    use_count: dict[str, int] = field(default_factory=dict)  # parameter -> number of operators that read it
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -254,6 +265,9 @@ class _Builder:
         self.placeholder_names: dict[Any, str] = {}
         self.op_users: dict[str, list[str]] = {}
         self.replaced: dict[str, ModuleRule] = {}
+        self.layers: dict[str, LayerInfo] = {}
+        self.layer_nodes: dict[Any, str] = {}  # conv/linear node -> weight name
+        self.use_count: dict[str, int] = {}
 
     # ----- helpers -------------------------------------------------------------------------
     def where(self, node) -> str:
@@ -319,6 +333,30 @@ class _Builder:
             return np.full(length, NONE, dtype=np.int64) if length == 1 else self.atoms.new(length)
         return vec
 
+    def note_layer(self, node, weight: ParamView, bias) -> None:
+        if weight.dims[:2] != [0, 1]:
+            return
+        self.layer_nodes[node] = weight.name
+        self.layers.setdefault(weight.name, LayerInfo()).bias = bias.name if isinstance(bias, ParamView) else None
+
+    def trace_ops_after(self) -> None:
+        """For each conv/linear, the operators its output passes through before the next weighted op."""
+        stops = {aten.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.matmul, aten.mm, aten.bmm, aten.addmm}
+        for node, name in self.layer_nodes.items():
+            seen, stack, ops = set(), list(node.users), self.layers[name].ops_after
+            while stack:
+                user = stack.pop()
+                if user.op == "output":
+                    ops.add("output")
+                if user in seen or user.op != "call_function":
+                    continue
+                seen.add(user)
+                packet = getattr(user.target, "overloadpacket", None)
+                if packet in stops:
+                    continue
+                ops.add(packet.__name__ if packet is not None else getattr(user.target, "__name__", str(user.target)))
+                stack.extend(user.users)
+
     # ----- graph walk ----------------------------------------------------------------------
     def run(self) -> None:
         program = self.program
@@ -364,6 +402,7 @@ class _Builder:
         for arg in node.all_input_nodes:
             name = self.placeholder_names.get(arg)
             if name is not None:
+                self.use_count[name] = self.use_count.get(name, 0) + 1
                 self.op_users.setdefault(name, [])
                 if path not in self.op_users[name]:
                     self.op_users[name].append(path)
@@ -564,6 +603,7 @@ def _linear(b: _Builder, node, args, kwargs):
     if isinstance(bias, ParamView) and bias.vecs[0] is not None:
         b.atoms.union_arrays(bias.vecs[0], w_out)
         b.roles[(bias.name, 0)] = "bias"
+    b.note_layer(node, weight, bias)
     others = [d for d in x.varying if d != x.atoms.ndim - 1]
     if others:
         b.atoms.fix(x.atoms, f"input of {b.where(node)} carries channels on several axes")
@@ -616,6 +656,8 @@ def _conv(b: _Builder, node, args, kwargs):
     if isinstance(bias, ParamView) and bias.vecs[0] is not None:
         b.atoms.union_arrays(bias.vecs[0], w_out)
         b.roles[(bias.name, 0)] = "bias"
+    if not transposed:
+        b.note_layer(node, weight, bias)
     out = np.full((1, out_ch) + (1,) * (len(x_shape) - 2), NONE, dtype=np.int64)
     out[0, :] = w_out.reshape((-1,) + (1,) * (len(x_shape) - 2))
     return Act(out)
@@ -637,6 +679,11 @@ def _batch_norm(b: _Builder, node, args, kwargs):
     if not isinstance(x, Act) or x_shape is None:
         return b.unknown(node, args, kwargs)
     _couple_params(b, x, x_shape, 1, args[1:5], "norm", b.where(node))
+    producer = b.layer_nodes.get(node.args[0])
+    names = [a.name if isinstance(a, ParamView) else None for a in args[1:5]]
+    if producer is not None and all(names[2:]):
+        eps = args[7] if node.target.overloadpacket is aten.batch_norm else args[-1]
+        b.layers[producer].batch_norm = {"weight": names[0], "bias": names[1], "mean": names[2], "var": names[3], "eps": float(eps)}
     if isinstance(node.meta.get("val"), (tuple, list)):
         return (x,) + tuple(none_act(1) for _ in node.meta["val"][1:])
     return x
@@ -1136,7 +1183,9 @@ def build_graph(model: nn.Module, example_inputs: tuple) -> Graph:
     program = trace_program(model, example_inputs)
     builder = _Builder(model, program)
     builder.run()
-    graph = Graph(model, builder.atoms, builder.tensor_vecs, builder.roles, replaced_modules=builder.replaced, op_users=builder.op_users)
+    builder.trace_ops_after()
+    graph = Graph(model, builder.atoms, builder.tensor_vecs, builder.roles, replaced_modules=builder.replaced,
+                  op_users=builder.op_users, layers=builder.layers, use_count=builder.use_count)
     _collect_groups(graph)
     return graph
 

@@ -13,6 +13,9 @@ METHODS = {
     "random": "srcompress.compress.scores:RANDOM",
     "l1": "srcompress.compress.scores:L1_CHANNELS",
     "random-channels": "srcompress.compress.scores:RANDOM_CHANNELS",
+    "surgery": "srcompress.compress.surgery:SURGERY",
+    "submodular": "srcompress.compress.submodular:SUBMODULAR",
+    "submodular-norw": "srcompress.compress.submodular:SUBMODULAR_NO_REWEIGHT",
 }
 
 
@@ -38,7 +41,10 @@ class Method:
 STRUCTURED_ALIASES = {"magnitude": "l1", "random": "random-channels"}
 
 
-def get_method(name: str, structured: bool = False) -> Method:
+def get_method(name: "str | Method", structured: bool = False) -> Method:
+    """The method registered under ``name`` (a :class:`Method` passes through, e.g. a variant built in code)."""
+    if isinstance(name, Method):
+        return name
     if structured:
         name = STRUCTURED_ALIASES.get(name, name)
     if name not in METHODS:

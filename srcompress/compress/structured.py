@@ -36,6 +36,7 @@ class StructuredSpec:
     exclude: tuple[str, ...] = ()
     uniform_widths: bool = False  # equivalent groups (e.g. every FFN) keep the same width
     seed: int = 0
+    stop_threshold: float | None = None  # surgery: stop each group where the normalised saliency exceeds this
 
     def validate(self) -> None:
         if not 0.0 <= self.amount < 1.0:
@@ -250,6 +251,8 @@ def allocate(graph: Graph, groups: list[ChannelGroup], spec: StructuredSpec, flo
     spec.validate()
     if not groups:
         return {}
+    if spec.stop_threshold is not None:  # the method stops each group at the threshold, up to its floor
+        return {g.index: _bounds(g, spec)[0] for g in groups}
     if spec.allocation == "global":
         if scores is None:
             raise SrcompressError("global allocation needs a method that scores units", "use --allocation uniform with this method")

@@ -1,0 +1,200 @@
+"""Submodular structured pruning with few samples (El Halabi, Srinivas & Lacoste-Julien, NeurIPS 2022).
+
+For a group of units, choose the k to keep so the next layers' outputs are reconstructed best:
+
+    F(S) = ||T||^2 - min_X ||T - B_S X||^2,   T = A W  (what the consumer computed in the original model),
+
+where B are the consumer's inputs in the network pruned so far and A those of the original network (the
+paper's asymmetric variant; layers are pruned in order, each seeing the already-pruned earlier layers).
+F is weakly submodular, so forward greedy selection has a (1 - e^-gamma) guarantee. Everything runs on
+second moments: G = B^T B and H = B^T A W, streamed from the calibration set, with incremental
+Schur-complement updates (each step costs O(columns^2) per kept unit). A unit is a block of columns (its
+channel's kernel taps, or a head's features); a constant-one column is always kept, so least squares
+can move a removed unit's mean into the consumer's bias.
+
+Re-weighting then solves the ridge problem min ||B_S X - T||^2 + lambda ||X - W_S||^2: the consumer's new
+weights for the kept units. The ridge pulls toward the original weights, and grows as the number of
+samples approaches the number of kept columns (least squares interpolates the calibration set there,
+algorithms.md 8), so with scarce data re-weighting fades into plain removal instead of over-fitting.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ..calib.capture import capture, consumer_module
+from .graph import ChannelGroup, Graph
+from .registry import Method
+from .structured import GroupDecision, _tensor_table, l1_scores, lowest
+
+
+def unit_columns(group: ChannelGroup, consumer: tuple[str, int], taps: int) -> list[np.ndarray]:
+    """Columns of the consumer's unfolded input that belong to each unit."""
+    name, dim = consumer
+    columns = []
+    for slots in group.slots:
+        positions = next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim))
+        columns.append((np.asarray(positions)[:, None] * taps + np.arange(taps)[None, :]).ravel())
+    return columns
+
+
+class _Residual:
+    """G and H after projecting out the chosen columns (Schur complements), updated per chosen block."""
+
+    def __init__(self, gram: np.ndarray, target: np.ndarray):
+        self.r = gram.copy()
+        self.h = target.copy()
+
+    def add(self, cols: np.ndarray) -> float:
+        block = self.r[np.ix_(cols, cols)]
+        rows_c = self.r[cols]
+        h_c = self.h[cols]
+        solved = np.linalg.lstsq(block, np.hstack([rows_c, h_c]), rcond=1e-10)[0]
+        gain = float(np.sum(h_c * solved[:, rows_c.shape[1]:]))
+        self.h -= self.r[:, cols] @ solved[:, rows_c.shape[1]:]
+        self.r -= self.r[:, cols] @ solved[:, : rows_c.shape[1]]
+        return gain
+
+    def gains(self, blocks: list[np.ndarray]) -> np.ndarray:
+        width = len(blocks[0])
+        if width == 1:
+            idx = np.array([b[0] for b in blocks])
+            diag = self.r[idx, idx]
+            energy = np.einsum("ij,ij->i", self.h[idx], self.h[idx])
+            return np.where(diag > 1e-12 * max(self.r.trace(), 1e-300), energy / np.maximum(diag, 1e-300), 0.0)
+        idx = np.stack(blocks)
+        blocks_r = self.r[idx[:, :, None], idx[:, None, :]]
+        blocks_h = self.h[idx]
+        scale = 1e-10 * max(np.trace(self.r) / len(self.r), 1e-300)
+        solved = np.linalg.solve(blocks_r + scale * np.eye(width), blocks_h)
+        return np.einsum("nij,nij->n", blocks_h, solved)
+
+
+def greedy_keep(problems: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]], keep: int) -> tuple[list[int], float, float]:
+    """Units to keep, chosen greedily over the summed objective of all consumers.
+
+    Each problem is (G, H, columns per unit, columns always kept: the ones column and inputs of other groups).
+    Returns the chosen units (in order), the objective reached and the objective of keeping every unit.
+    """
+    states, reached = [], 0.0
+    for gram, target, _, fixed in problems:
+        state = _Residual(gram, target)
+        if len(fixed):
+            reached += state.add(fixed)
+        states.append(state)
+    total = _objective_of_all(problems)
+    units = len(problems[0][2])
+    remaining = list(range(units))
+    chosen = []
+    for _ in range(keep):
+        gains = np.zeros(len(remaining))
+        for state, (_, _, columns, _) in zip(states, problems):
+            gains += state.gains([columns[u] for u in remaining])
+        pick = remaining.pop(int(np.argmax(gains)))
+        chosen.append(pick)
+        reached += sum(state.add(columns[pick]) for state, (_, _, columns, _) in zip(states, problems))
+    return chosen, reached, total
+
+
+def _objective_of_all(problems) -> float:
+    total = 0.0
+    for gram, target, columns, fixed in problems:
+        cols = np.concatenate(columns + [fixed])
+        state = _Residual(gram, target)
+        total += state.add(np.sort(cols))
+    return total
+
+
+def refit(gram: np.ndarray, target: np.ndarray, initial: np.ndarray, cols: np.ndarray, rows: int) -> tuple[np.ndarray, float]:
+    """Ridge-to-original least squares for the kept columns; returns new weights (cols x outputs) and lambda."""
+    g = gram[np.ix_(cols, cols)]
+    k = len(cols)
+    ratio = k / max(rows, 1)
+    lam = float(np.trace(g) / k) * (1e-4 + 4.0 * ratio ** 2)
+    solution = np.linalg.solve(g + lam * np.eye(k), target[cols] + lam * initial[cols])
+    return solution, lam
+
+
+def _fixed_columns(weight: torch.Tensor, unit_cols: list[np.ndarray], ones: list[int]) -> np.ndarray:
+    """Columns kept regardless of this group: other groups' live inputs (a concatenation) and the ones column."""
+    mine = np.concatenate(unit_cols)
+    live = np.flatnonzero(_consumer_matrix(weight).any(axis=1))  # inputs already removed by another group are zero
+    return np.array(sorted(set(live.tolist()) - set(mine.tolist())) + ones, dtype=np.int64)
+
+
+def _consumer_matrix(weight: torch.Tensor) -> np.ndarray:
+    """Consumer weight as (input columns, outputs)."""
+    return weight.detach().double().reshape(weight.shape[0], -1).T.numpy()
+
+
+def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, reweight: bool = True) -> GroupDecision:
+    """Keep the units that best reconstruct the consumers' outputs; re-fit the consumers (asymmetric objective)."""
+    model = graph.model
+    keep = group.size - count
+    consumers = [(name, dim) for name, dim in group.consumers if dim == 1]
+    supported = consumers and len(consumers) == len(group.consumers) and all(consumer_module(model, n) for n, _ in consumers)
+    if not supported:
+        removed = lowest(l1_scores(graph, group), count)
+        return GroupDecision(removed, info={"fallback": "consumer layer type not supported by submodular capture; pruned by L1"})
+    names = [n for n, _ in consumers]
+    reference = getattr(context, "original", None)
+    early_exit = all(graph.use_count.get(n, 1) == 1 for n in names)
+    stats = capture(model, names, context.calibration, reference=reference, early_exit=early_exit,
+                    description=f"calibrating {group.name}")
+    table = _tensor_table(model)
+    ref_table = _tensor_table(reference) if reference is not None else table
+    problems, biases = [], []
+    for name in names:
+        entry = stats[name]
+        weight = ref_table[name]
+        info = graph.layers.get(name)
+        bias_name = info.bias if info else None
+        bias = ref_table[bias_name].detach().double().numpy() if bias_name else np.zeros(weight.shape[0])
+        w_full = np.vstack([_consumer_matrix(weight), bias[None, :]])  # (columns + ones, outputs)
+        target = entry.cross.numpy() @ w_full
+        gram = entry.gram.numpy()
+        columns = unit_columns(group, (name, 1), entry.taps)
+        ones = [gram.shape[0] - 1] if (bias_name or (info and info.batch_norm)) else []
+        problems.append((gram, target, columns, _fixed_columns(table[name], columns, ones)))
+        biases.append((bias_name, info, bool(ones)))
+    chosen, reached, total = greedy_keep(problems, keep)
+    kept = sorted(chosen)
+    removed = sorted(set(range(group.size)) - set(kept))
+    samples = min(entry.rows for entry in stats.values())
+    kept_columns = max(len(np.concatenate([p[2][u] for u in kept] + [p[3]])) for p in problems)
+    info = {"objective": reached / total if total > 0 else 1.0, "rows": samples, "kept_columns": kept_columns,
+            "reweighted": reweight}
+    if samples < 2 * kept_columns:
+        message = (f"{group.name}: {samples} calibration rows for {kept_columns} kept columns; least squares is "
+                   f"ill-posed below 2x, so the ridge pulls the re-fit toward the original weights")
+        warnings.warn(message, stacklevel=2)
+        info["warning"] = message
+    updates = {}
+    if reweight:
+        for (gram, target, columns, fixed), name, (bias_name, layer_info, has_ones) in zip(problems, names, biases):
+            current = table[name]
+            initial = np.vstack([_consumer_matrix(current), (table[bias_name].detach().double().numpy() if bias_name else np.zeros(current.shape[0]))[None, :]])
+            cols = np.sort(np.concatenate([columns[u] for u in kept] + [fixed]))
+            solution, lam = refit(gram, target, initial, cols, samples)
+            info.setdefault("ridge", {})[name] = lam
+            new = initial.copy()
+            new[cols] = solution
+            updates[name] = torch.from_numpy(new[:-1].T.copy()).reshape(current.shape).to(current.dtype)
+            if has_ones:
+                shift = new[-1] - initial[-1]
+                if bias_name:
+                    updates[bias_name] = torch.from_numpy(new[-1].copy()).to(current.dtype)
+                elif layer_info and layer_info.batch_norm:
+                    mean_name = layer_info.batch_norm["mean"]
+                    updates[mean_name] = table[mean_name].detach() - torch.from_numpy(shift).to(current.dtype)
+    return GroupDecision(removed, updates, info)
+
+
+SUBMODULAR = Method("submodular", "greedy submodular selection of units with least-squares re-weighting (needs calibration data)",
+                    kind="structured", needs_data=True, select=submodular_select)
+SUBMODULAR_NO_REWEIGHT = Method("submodular-norw", "submodular selection, plain removal without re-weighting (needs calibration data)",
+                                kind="structured", needs_data=True,
+                                select=lambda graph, group, count, context: submodular_select(graph, group, count, context, reweight=False))

@@ -1,0 +1,160 @@
+"""Data-free surgery: exact merges of duplicates and positive multiples, and the greedy order."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from srcompress import assets
+from srcompress.compress.graph import build_graph
+from srcompress.compress.structured import StructuredSpec
+from srcompress.compress.surgery import activation_mode, greedy_merges, incoming, outgoing
+from srcompress.pipeline import prune_structured
+
+
+class MLP(nn.Module):
+    def __init__(self, activation):
+        super().__init__()
+        self.fc1 = nn.Linear(10, 8)
+        self.act = activation
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _copy_unit(linear: nn.Linear, source: int, target: int, scale: float) -> None:
+    with torch.no_grad():
+        linear.weight[target] = linear.weight[source] * scale
+        linear.bias[target] = linear.bias[source] * scale
+
+
+@pytest.mark.parametrize("activation,scale,mode", [(nn.ReLU(), 1.0, "homogeneous"), (nn.ReLU(), 3.0, "homogeneous"),
+                                                   (nn.ReLU(), 0.4, "homogeneous"), (nn.Identity(), -2.0, "linear"),
+                                                   (nn.GELU(), 1.0, "approximate"), (nn.Tanh(), 1.0, "approximate")])
+def test_duplicate_or_multiple_is_merged_exactly(activation, scale, mode):
+    torch.manual_seed(0)
+    model = MLP(activation).eval()
+    _copy_unit(model.fc1, 2, 6, scale)
+    x = torch.randn(256, 10)
+    reference = model(x).detach()
+    pair = model.fc1.weight.detach()[[2, 6]].clone()
+    report = prune_structured(model, (x[:1],), StructuredSpec(1 / 8), "surgery")
+    assert report.ok and model.fc1.out_features == 7
+    assert report.groups[0]["info"]["mode"] == mode
+    assert report.groups[0]["info"]["merged"] == 1
+    kept = model.fc1.weight.detach()
+    assert sum(any(torch.equal(row, unit) for unit in pair) for row in kept) == 1  # one of the pair went
+    torch.testing.assert_close(model(x).detach(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_negative_multiple_is_not_merged_through_relu():
+    torch.manual_seed(0)
+    model = MLP(nn.ReLU()).eval()
+    _copy_unit(model.fc1, 2, 6, -1.0)
+    graph = build_graph(model, (torch.randn(1, 10),))
+    group = graph.groups[0]
+    merges = greedy_merges(incoming(graph, group), outgoing(graph, group), activation_mode(graph, group), 7)
+    for j, i, c, _ in merges:
+        if {i, j} == {2, 6}:
+            assert c == 0.0  # relu(-z) is not a multiple of relu(z): never merged with a negative factor
+
+
+def test_duplicate_channels_behind_batchnorm_are_found_after_folding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3)).eval()
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        # channel 4 = 2x channel 1 before BN, and BN scales it back: identical after folding
+        model[0].weight[4] = 2 * model[0].weight[1]
+        model[0].bias[4] = 2 * model[0].bias[1]
+        bn.running_mean[4] = 2 * bn.running_mean[1]
+        bn.running_var[4] = 4 * bn.running_var[1] + 3 * bn.eps
+        bn.weight[4], bn.bias[4] = bn.weight[1], bn.bias[1]
+    x = torch.randn(4, 3, 9, 9)
+    reference = model(x).detach()
+    report = prune_structured(model, (x[:1],), StructuredSpec(1 / 6), "surgery")
+    assert report.ok and model[0].out_channels == 5 and model[1].num_features == 5
+    torch.testing.assert_close(model(x).detach(), reference, rtol=1e-5, atol=1e-5)
+
+
+def _brute_force(u, a, mode, steps):
+    """Reference: try every (survivor, removed) pair (and outright deletion) at every step."""
+    u, a = u.copy(), a.copy()
+    alive = list(range(len(u)))
+    sequence = []
+    for _ in range(steps):
+        best = None
+        for j in alive:
+            a2 = float(np.mean(a[j] ** 2))
+            candidates = [(-1, 0.0)]
+            for i in alive:
+                if i == j:
+                    continue
+                c = 1.0 if mode == "approximate" else float(u[i] @ u[j] / (u[i] @ u[i]))
+                if mode == "homogeneous":
+                    c = max(c, 0.0)
+                candidates.append((i, c))
+            for i, c in candidates:
+                target = c * u[i] if i >= 0 else 0.0
+                saliency = a2 * float(np.sum((u[j] - target) ** 2))
+                if best is None or saliency < best[0] - 1e-12:
+                    best = (saliency, j, i, c)
+        saliency, j, i, c = best
+        sequence.append((j, i))
+        if i >= 0:
+            a[i] += c * a[j]
+        alive.remove(j)
+    return sequence
+
+
+@pytest.mark.parametrize("mode", ["approximate", "homogeneous", "linear"])
+def test_greedy_matches_brute_force(mode):
+    rng = np.random.default_rng(3)
+    u = rng.normal(size=(7, 5))
+    u[5] = 0.97 * u[1] + 0.01 * rng.normal(size=5)
+    a = rng.normal(size=(7, 4))
+    fast = [(j, i) for j, i, _, _ in greedy_merges(u, a.copy(), mode, 6)]
+    assert fast == _brute_force(u, a, mode, 6)
+
+
+def test_saliency_curve_and_threshold_stop(cli, tmp_path, model_files):
+    out = tmp_path / "cnn.pt"
+    result = cli("prune", "--method", "surgery", "--saliency-threshold", "0.1", model_files["cnn"], "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    for row in result.json["groups"]:
+        curve = row["info"]["saliency_curve"]
+        removed = row["units_before"] - row["units_after"]
+        assert len(curve) == row["units_before"] - max(1, math.ceil(0.01 * row["units_before"]))  # down to the floor
+        assert all(v <= 0.1 for v in curve[:removed]) and (removed == len(curve) or curve[removed] > 0.1)
+    assert result.json["reached"]["channels"] > 0
+
+
+def test_surgery_needs_no_data_and_beats_l1_on_mnist_fc(cli, tmp_path, model_files):
+    """`prune --method surgery` takes no data; on the pretrained CNN's FC layer it keeps the function closer."""
+    x, _ = assets.mnist5k("test")
+    dense = torch.load(model_files["cnn"], weights_only=False)
+    with torch.no_grad():
+        reference = dense(x).log_softmax(-1)
+    divergence = {}
+    for method in ("surgery", "l1"):
+        out = tmp_path / f"{method}.pt"
+        result = cli("prune", "--method", method, "--structured", "--sparsity", "0.75", "--exclude", "conv_layers*",
+                     model_files["cnn"], "-o", out, "--quiet")
+        assert result.exit_code == 0, result.stderr
+        with torch.no_grad():
+            pruned = torch.load(out, weights_only=False)(x).log_softmax(-1)
+        divergence[method] = float(torch.nn.functional.kl_div(pruned, reference, log_target=True, reduction="batchmean"))
+    assert divergence["surgery"] < divergence["l1"]
+
+
+def test_minilm_ffn_is_reported_approximate():
+    model = assets.minilm()[0].auto_model.eval()
+    inputs = (torch.randint(0, 30000, (1, 8)),)
+    report = prune_structured(model, inputs, StructuredSpec(0.25, exclude=("*attention*",)), "surgery")
+    ffn = [row for row in report.groups if row["kind"] == "neurons"]
+    assert len(ffn) == 6 and all(row["info"]["approximate"] and row["units_after"] == 1152 for row in ffn)
