@@ -95,8 +95,9 @@ def minilm():
     return SentenceTransformer(str(model_dir), device="cpu").eval()
 
 
-EVAL_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "china", "camera", "coins", "moon", "retina")
-CALIB_PHOTOS = ("flower", "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "clock", "cell", "page")
+# Two disjoint sets of nine photos, each mixing everyday scenes with textures and scientific images.
+EVAL_PHOTOS = ("chelsea", "coffee", "rocket", "china", "coins", "moon", "brick", "hubble_deep_field", "cell")
+CALIB_PHOTOS = ("astronaut", "flower", "camera", "clock", "grass", "gravel", "immunohistochemistry", "retina", "page")
 
 
 def _photo(name: str) -> np.ndarray:
@@ -121,8 +122,9 @@ def _photo(name: str) -> np.ndarray:
 def image_crops(split: str = "test", count: int = 128, size: int = 224, seed: int = 0) -> torch.Tensor:
     """ImageNet-normalised random crops (scale 0.25-1, aspect 3/4-4/3, random flip) of real photos.
 
-    ``test`` crops come from nine photos (a cat, an espresso, an astronaut, ...), ``calib`` from nine
-    others, so calibration never sees an evaluation photo. Crops cycle through the photos in order.
+    ``test`` crops come from nine photos (a cat, an espresso, a rocket, ...), ``calib`` from nine others
+    (an astronaut, a flower, a cameraman, ...), so calibration never sees an evaluation photo. Crops cycle
+    through the photos in order.
     """
     names = {"test": EVAL_PHOTOS, "calib": CALIB_PHOTOS}.get(split)
     if names is None:

@@ -83,6 +83,12 @@ def main() -> None:
 @click.option("--hardware", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Deployment target; gpu rounds structured widths to multiples of 8 unless --round-to is given.")
 @click.option("--uniform", is_flag=True, help="With --structured: equivalent groups (e.g. every FFN) keep equal widths.")
+@click.option("--calib", "calib", default=None,
+              help="Calibration data for data-driven methods: .npz/.pt tensors, an image folder, a .txt of sentences, "
+                   "or mnist5k, photos, sentences, random.")
+@click.option("--calib-samples", type=int, default=512, show_default=True, help="Number of calibration samples.")
+@click.option("--tokenizer", default=None, help="Hugging Face tokenizer folder for text calibration.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Image side for image-folder calibration.")
 @click.option("--saliency-threshold", type=float, default=None,
               help="Surgery: remove units while their normalised saliency stays below this (instead of --sparsity).")
 @click.option("--exclude", multiple=True, help="Keep layers (or groups) matching this glob dense (repeatable), e.g. 'classifier.*'.")
@@ -95,7 +101,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @_model_options
 def prune(model_path, sparsity, pattern, structured, target, method, scope, min_density, round_to, hardware, uniform,
-          saliency_threshold, exclude, prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle,
+          calib, calib_samples, tokenizer, image_size, saliency_threshold, exclude, prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle,
           input_shape, input_dtype, as_json):
     from .compress.registry import METHODS, get_method
 
@@ -114,8 +120,9 @@ def prune(model_path, sparsity, pattern, structured, target, method, scope, min_
             spec = _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prune_last, seed)
         get_method(method, structured=structured)
         output = _default_output(model_path, example, fmt, output)
+        calibration = {"source": calib, "samples": calib_samples, "tokenizer": tokenizer, "image_size": image_size}
         _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt,
-                   force, as_json, structured)
+                   force, as_json, structured, calibration)
     except SrcompressError as err:
         _fail(err, as_json)
 
@@ -170,8 +177,30 @@ def _default_output(model_path: Path | None, example: str | None, fmt: str | Non
     return Path(f"{stem}.pruned{ext}")
 
 
+def _calibration(method: str, options: dict, example: str | None, inputs: tuple, model, seed: int):
+    """Calibration data when the method needs it (the bundled example brings its own default)."""
+    from .compress.registry import get_method
+
+    if not get_method(method, structured=True).needs_data:
+        if options["source"]:
+            raise SrcompressError(f"method {method!r} uses no data, but --calib was given", "drop --calib or pick a data-driven method")
+        return None
+    source = options["source"]
+    if source is None and example:
+        from .examples import get_example
+
+        source = get_example(example).calibration
+    if source is None:
+        raise SrcompressError(f"method {method!r} needs calibration data", "pass --calib DATA (a file, an image folder, or mnist5k/photos/sentences)")
+    from .calib.data import load_calibration
+
+    with ui.phase(f"loading calibration data {source}"):
+        return load_calibration(source, options["samples"], seed=seed, example_inputs=inputs, tokenizer=options["tokenizer"],
+                                image_size=options["image_size"], model=model)
+
+
 def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, input_dtype, spec, method, output, fmt, force,
-               as_json, structured):
+               as_json, structured, calibration_options):
     import torch
 
     from .io import check_output_path, save_model
@@ -181,9 +210,11 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     torch.manual_seed(spec.seed)
     loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    calibration = _calibration(method, calibration_options, example, inputs, loaded.module, spec.seed) if structured else None
     with ui.phase(f"pruning with {method}"):
         if structured:
-            report = prune_structured(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
+            report = prune_structured(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source,
+                                      calibration=calibration)
         else:
             report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
     report.notes = loaded.notes + report.notes

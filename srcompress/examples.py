@@ -20,6 +20,7 @@ class Example:
     load: Callable[[], nn.Module]
     example_inputs: Callable[[], tuple]
     make_evaluator: Callable[[nn.Module], Callable[[nn.Module], dict[str, Any]]]
+    calibration: str  # default --calib source for data-driven methods
 
 
 def _mnist_evaluator(_dense: nn.Module) -> Callable[[nn.Module], dict[str, Any]]:
@@ -42,6 +43,7 @@ EXAMPLES = {
         assets.pretrained_digit_cnn,
         lambda: (assets.mnist5k("test")[0][:1],),
         _mnist_evaluator,
+        "mnist5k",
     ),
 }
 

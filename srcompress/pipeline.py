@@ -183,7 +183,9 @@ def prune_structured(
     report = StructuredReport(
         request={"method": chosen.name, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
                  "min_keep": spec.min_keep, "round_to": spec.round_to, "exclude": list(spec.exclude),
-                 "uniform_widths": spec.uniform_widths, "seed": spec.seed, "stop_threshold": spec.stop_threshold},
+                 "uniform_widths": spec.uniform_widths, "seed": spec.seed, "stop_threshold": spec.stop_threshold,
+                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance}
+                                 if calibration is not None else None)},
         groups=rows, before={"params": params_before, "flops": flops_before},
         after={"params": params_after, "flops": flops_after},
         reached=reached, tolerance=steps / max(total_units, 1) if spec.target == "channels" else 0.0,

@@ -226,8 +226,10 @@ def render_structured(console: Console, report: StructuredReport) -> None:
     table = Table(title=f"srcompress prune --structured: {req['method']}, {req['amount']:.0%} of {req['target']} "
                         f"({req['allocation']} allocation)")
     curves = any("saliency_curve" in row.get("info", {}) for row in report.groups)
+    objectives = any("objective" in row.get("info", {}) for row in report.groups)
     columns = [("group", "left"), ("kind", "left"), ("units", "right"), ("width", "right")]
     columns += [("saliency curve (log, to the floor)", "left"), ("at cut", "right")] if curves else []
+    columns += [("objective kept", "right")] if objectives else []
     for column, justify in columns + [("note", "left")]:
         table.add_column(column, justify=justify, overflow="fold", no_wrap=column not in ("group", "note"))
     for row in report.groups:
@@ -238,7 +240,12 @@ def render_structured(console: Console, report: StructuredReport) -> None:
             removed = row["units_before"] - row["units_after"]
             cut = f"{curve[removed - 1]:.3g}" if 0 < removed <= len(curve) else ""
             cells += [sparkline(curve), cut]
-        note = row["skipped"] or ("approximate (activation not positively homogeneous)" if row.get("info", {}).get("approximate") else "")
+        if objectives:
+            objective = row.get("info", {}).get("objective")
+            cells.append(f"{objective:.4f}" if objective is not None else "")
+        info = row.get("info", {})
+        note = row["skipped"] or info.get("fallback", "") or (info.get("warning", "").split(":", 1)[-1].strip()[:60] if info.get("warning") else "")
+        note = note or ("approximate (activation not positively homogeneous)" if info.get("approximate") else "")
         table.add_row(*cells, note)
     console.print(table)
     b, a = report.before, report.after

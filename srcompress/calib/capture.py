@@ -22,12 +22,23 @@ from ..inputs import set_eval
 
 @dataclass
 class LayerInputStats:
-    """Second moments of one consumer layer's input over the calibration set (float64)."""
+    """Second moments of one consumer layer's input over the calibration set (float64), per fold.
 
-    gram: torch.Tensor  # B^T B, with the ones column last
-    cross: torch.Tensor  # B^T A
+    Batch i goes to fold ``i % folds``, so a method can cross-validate on the statistics alone.
+    """
+
+    grams: list[torch.Tensor]  # B^T B per fold, with the ones column last
+    crosses: list[torch.Tensor]  # B^T A per fold
     rows: int
     taps: int  # kernel taps per input channel (1 for linear layers)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return sum(self.grams)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        return sum(self.crosses)
 
 
 class _Stop(Exception):
@@ -50,8 +61,15 @@ def consumer_module(model: nn.Module, weight_name: str) -> nn.Module | None:
     return None
 
 
+POSITIONS_PER_SAMPLE = 256  # conv patches kept per sample: neighbouring patches are nearly redundant
+
+
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as a (rows, columns + 1) float64 matrix; the last column is all ones."""
+    """The layer's input as a (rows, columns + 1) float32 matrix; the last column is all ones.
+
+    For convolutions, at most ``POSITIONS_PER_SAMPLE`` patch positions per sample are kept, the same
+    evenly spread positions for every sample (and for the reference model), so B and A rows stay aligned.
+    """
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
     else:
@@ -61,8 +79,12 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         else:
             kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        positions = patches.shape[2]
+        if positions > POSITIONS_PER_SAMPLE:
+            keep = torch.linspace(0, positions - 1, POSITIONS_PER_SAMPLE).round().long()
+            patches = patches[:, :, keep]
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    rows = rows.double()
+    rows = rows.float()
     return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
 
 
@@ -90,7 +112,7 @@ def _run_until_seen(model: nn.Module, modules: dict[str, nn.Module], batch: tupl
 
 
 def capture(model: nn.Module, consumers: list[str], calibration, reference: nn.Module | None = None,
-            early_exit: bool = True, description: str = "capturing") -> dict[str, LayerInputStats]:
+            early_exit: bool = True, description: str = "capturing", folds: int = 4) -> dict[str, LayerInputStats]:
     """Gram and cross matrices of each consumer's input; ``reference`` (default: the model itself) gives A."""
     set_eval(model)
     modules = {name: consumer_module(model, name) for name in consumers}
@@ -101,7 +123,9 @@ def capture(model: nn.Module, consumers: list[str], calibration, reference: nn.M
     if reference is not None:
         set_eval(reference)
     stats: dict[str, LayerInputStats] = {}
-    for batch in ui.track(list(calibration), description):
+    batches = list(calibration)
+    folds = max(1, min(folds, len(batches)))
+    for index, batch in enumerate(ui.track(batches, description)):
         current = _run_until_seen(model, modules, batch, early_exit)
         target = _run_until_seen(reference, ref_modules, batch, early_exit) if reference is not None else current
         for name, rows in current.items():
@@ -110,10 +134,10 @@ def capture(model: nn.Module, consumers: list[str], calibration, reference: nn.M
                 module = modules[name]
                 taps = 1 if isinstance(module, nn.Linear) else int(torch.tensor(module.kernel_size).prod())
                 size = rows.shape[1]
-                stats[name] = LayerInputStats(torch.zeros(size, size, dtype=torch.float64),
-                                              torch.zeros(size, size, dtype=torch.float64), 0, taps)
+                stats[name] = LayerInputStats([torch.zeros(size, size, dtype=torch.float64) for _ in range(folds)],
+                                              [torch.zeros(size, size, dtype=torch.float64) for _ in range(folds)], 0, taps)
             entry = stats[name]
-            entry.gram += rows.T @ rows
-            entry.cross += rows.T @ other
+            entry.grams[index % folds] += (rows.T @ rows).double()  # products in float32, sums over batches in float64
+            entry.crosses[index % folds] += (rows.T @ other).double()
             entry.rows += rows.shape[0]
     return stats

@@ -13,9 +13,10 @@ channel's kernel taps, or a head's features); a constant-one column is always ke
 can move a removed unit's mean into the consumer's bias.
 
 Re-weighting then solves the ridge problem min ||B_S X - T||^2 + lambda ||X - W_S||^2: the consumer's new
-weights for the kept units. The ridge pulls toward the original weights, and grows as the number of
-samples approaches the number of kept columns (least squares interpolates the calibration set there,
-algorithms.md 8), so with scarce data re-weighting fades into plain removal instead of over-fitting.
+weights for the kept units. The ridge pulls toward the original weights; its strength is chosen by
+cross-validation over calibration folds (from second moments alone), so when samples are scarce compared
+with kept columns, where least squares interpolates the calibration set (algorithms.md 8), re-weighting
+fades toward plain removal instead of over-fitting.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ class _Residual:
         self.h = target.copy()
 
     def add(self, cols: np.ndarray) -> float:
-        block = self.r[np.ix_(cols, cols)]
-        rows_c = self.r[cols]
+        """Project out the columns ``cols``; returns the objective they add."""
+        inverse = np.linalg.pinv(self.r[np.ix_(cols, cols)], rcond=1e-10, hermitian=True)
         h_c = self.h[cols]
-        solved = np.linalg.lstsq(block, np.hstack([rows_c, h_c]), rcond=1e-10)[0]
-        gain = float(np.sum(h_c * solved[:, rows_c.shape[1]:]))
-        self.h -= self.r[:, cols] @ solved[:, rows_c.shape[1]:]
-        self.r -= self.r[:, cols] @ solved[:, : rows_c.shape[1]]
+        gain = float(np.sum(h_c * (inverse @ h_c)))
+        coupling = self.r[:, cols] @ inverse
+        self.h -= coupling @ h_c
+        self.r -= coupling @ self.r[cols]
         return gain
 
     def gains(self, blocks: list[np.ndarray]) -> np.ndarray:
@@ -108,14 +109,37 @@ def _objective_of_all(problems) -> float:
     return total
 
 
-def refit(gram: np.ndarray, target: np.ndarray, initial: np.ndarray, cols: np.ndarray, rows: int) -> tuple[np.ndarray, float]:
-    """Ridge-to-original least squares for the kept columns; returns new weights (cols x outputs) and lambda."""
-    g = gram[np.ix_(cols, cols)]
-    k = len(cols)
-    ratio = k / max(rows, 1)
-    lam = float(np.trace(g) / k) * (1e-4 + 4.0 * ratio ** 2)
-    solution = np.linalg.solve(g + lam * np.eye(k), target[cols] + lam * initial[cols])
-    return solution, lam
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def refit(grams: list[np.ndarray], targets: list[np.ndarray], initial: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares for the kept columns with a ridge toward the original weights, chosen by cross-validation.
+
+    ``grams``/``targets`` are per fold (G_f = B_f^T B_f, H_f = B_f^T T_f). For each ridge strength the fit on
+    all folds but one is scored on the held-out fold, using second moments only:
+    ||B_f X - T_f||^2 = tr(X^T G_f X) - 2 tr(X^T H_f) + const. Returns the weights fitted on every fold with
+    the best strength, and that strength (lambda).
+    """
+    grams = [g[np.ix_(cols, cols)] for g in grams]
+    targets = [t[cols] for t in targets]
+    start = initial[cols]
+    eye = np.eye(len(cols))
+
+    def solve(gram, target, rho):
+        lam = rho * max(float(np.trace(gram)) / len(cols), 1e-300)
+        return np.linalg.solve(gram + lam * eye, target + lam * start), lam
+
+    best_rho = RIDGE_GRID[1]
+    if len(grams) > 1:
+        errors = []
+        for rho in RIDGE_GRID:
+            error = 0.0
+            for f in range(len(grams)):
+                fit, _ = solve(sum(g for i, g in enumerate(grams) if i != f), sum(t for i, t in enumerate(targets) if i != f), rho)
+                error += float(np.sum(fit * (grams[f] @ fit)) - 2 * np.sum(fit * targets[f]))
+            errors.append(error)
+        best_rho = RIDGE_GRID[int(np.argmin(errors))]
+    return solve(sum(grams), sum(targets), best_rho)
 
 
 def _fixed_columns(weight: torch.Tensor, unit_cols: list[np.ndarray], ones: list[int]) -> np.ndarray:
@@ -146,7 +170,7 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
                     description=f"calibrating {group.name}")
     table = _tensor_table(model)
     ref_table = _tensor_table(reference) if reference is not None else table
-    problems, biases = [], []
+    problems, biases, fold_grams, fold_targets = [], [], [], []
     for name in names:
         entry = stats[name]
         weight = ref_table[name]
@@ -154,8 +178,9 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
         bias_name = info.bias if info else None
         bias = ref_table[bias_name].detach().double().numpy() if bias_name else np.zeros(weight.shape[0])
         w_full = np.vstack([_consumer_matrix(weight), bias[None, :]])  # (columns + ones, outputs)
-        target = entry.cross.numpy() @ w_full
-        gram = entry.gram.numpy()
+        fold_targets.append([c.numpy() @ w_full for c in entry.crosses])
+        fold_grams.append([g.numpy() for g in entry.grams])
+        target, gram = sum(fold_targets[-1]), sum(fold_grams[-1])
         columns = unit_columns(group, (name, 1), entry.taps)
         ones = [gram.shape[0] - 1] if (bias_name or (info and info.batch_norm)) else []
         problems.append((gram, target, columns, _fixed_columns(table[name], columns, ones)))
@@ -169,16 +194,17 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
             "reweighted": reweight}
     if samples < 2 * kept_columns:
         message = (f"{group.name}: {samples} calibration rows for {kept_columns} kept columns; least squares is "
-                   f"ill-posed below 2x, so the ridge pulls the re-fit toward the original weights")
+                   f"ill-posed below 2x (a ridge toward the original weights, chosen by cross-validation, limits over-fitting)")
         warnings.warn(message, stacklevel=2)
         info["warning"] = message
     updates = {}
     if reweight:
-        for (gram, target, columns, fixed), name, (bias_name, layer_info, has_ones) in zip(problems, names, biases):
+        for (gram, target, columns, fixed), grams, targets, name, (bias_name, layer_info, has_ones) in zip(
+                problems, fold_grams, fold_targets, names, biases):
             current = table[name]
             initial = np.vstack([_consumer_matrix(current), (table[bias_name].detach().double().numpy() if bias_name else np.zeros(current.shape[0]))[None, :]])
             cols = np.sort(np.concatenate([columns[u] for u in kept] + [fixed]))
-            solution, lam = refit(gram, target, initial, cols, samples)
+            solution, lam = refit(grams, targets, initial, cols)
             info.setdefault("ridge", {})[name] = lam
             new = initial.copy()
             new[cols] = solution

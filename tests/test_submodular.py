@@ -1,0 +1,178 @@
+"""Submodular selection: greedy vs brute force, re-weighting vs a direct solve, k = n, calibration data."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from srcompress import assets
+from srcompress.calib.capture import capture, input_rows
+from srcompress.calib.data import load_calibration
+from srcompress.compress.structured import StructuredSpec
+from srcompress.compress.submodular import _Residual, greedy_keep, refit
+from srcompress.errors import SrcompressError
+from srcompress.pipeline import prune_structured
+
+
+def objective(gram, target, cols):
+    """F(S) computed directly: energy of the target explained by the columns S."""
+    if not cols:
+        return 0.0
+    cols = np.array(cols)
+    return float(np.sum(target[cols] * (np.linalg.pinv(gram[np.ix_(cols, cols)]) @ target[cols])))
+
+
+def instance(rng, rows, n, outputs, orthogonal=False):
+    if orthogonal:
+        b, _ = np.linalg.qr(rng.normal(size=(rows, n)))
+        b = b * rng.uniform(0.5, 2.0, size=n)
+    else:
+        b = rng.normal(size=(rows, n)) + 0.5 * rng.normal(size=(rows, 1))
+    t = b @ rng.normal(size=(n, outputs)) + 0.1 * rng.normal(size=(rows, outputs))
+    return b.T @ b, b.T @ t
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_is_optimal_when_columns_are_orthogonal(seed):
+    """With orthogonal columns F is modular (gamma = 1): greedy must find the best subset exactly."""
+    rng = np.random.default_rng(seed)
+    gram, target = instance(rng, 40, 8, 3, orthogonal=True)
+    columns = [np.array([i]) for i in range(8)]
+    for keep in (1, 3, 5):
+        chosen, reached, total = greedy_keep([(gram, target, columns, np.array([], dtype=int))], keep)
+        best = max(objective(gram, target, list(s)) for s in itertools.combinations(range(8), keep))
+        assert reached == pytest.approx(best, rel=1e-9)
+        assert objective(gram, target, chosen) == pytest.approx(reached, rel=1e-9)
+        assert total == pytest.approx(objective(gram, target, list(range(8))), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_meets_its_guarantee_on_correlated_columns(seed):
+    rng = np.random.default_rng(10 + seed)
+    gram, target = instance(rng, 30, 9, 2)
+    columns = [np.array([i]) for i in range(9)]
+    for keep in (2, 4):
+        _, reached, _ = greedy_keep([(gram, target, columns, np.array([], dtype=int))], keep)
+        best = max(objective(gram, target, list(s)) for s in itertools.combinations(range(9), keep))
+        assert reached >= (1 - np.exp(-1)) * best - 1e-9
+        assert reached <= best + 1e-9
+
+
+def test_block_gains_match_direct_objective():
+    rng = np.random.default_rng(0)
+    gram, target = instance(rng, 60, 12, 4)
+    blocks = [np.arange(3 * i, 3 * i + 3) for i in range(4)]
+    state = _Residual(gram, target)
+    gains = state.gains(blocks)
+    assert gains == pytest.approx([objective(gram, target, list(b)) for b in blocks], rel=1e-8)
+
+
+def test_refit_equals_direct_least_squares():
+    rng = np.random.default_rng(1)
+    b = rng.normal(size=(200, 6))
+    cols = np.array([0, 2, 5])
+    t = b[:, cols] @ rng.normal(size=(3, 3)) + 0.01 * rng.normal(size=(200, 3))
+    initial = rng.normal(size=(6, 3))
+    folds = [b[i::2] for i in range(2)]
+    targets = [t[i::2] for i in range(2)]
+    weights, lam = refit([f.T @ f for f in folds], [f.T @ tt for f, tt in zip(folds, targets)], initial, cols)
+    g = b[:, cols].T @ b[:, cols]
+    direct = np.linalg.solve(g + lam * np.eye(3), b[:, cols].T @ t + lam * initial[cols])
+    np.testing.assert_allclose(weights, direct, rtol=1e-8)
+    plain = np.linalg.lstsq(b[:, cols], t, rcond=None)[0]
+    np.testing.assert_allclose(weights, plain, rtol=1e-3, atol=1e-4)  # the kept columns explain t: the smallest ridge wins
+
+
+def test_input_rows_unfold_conv_columns_as_channel_times_taps():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 4)
+    rows = input_rows(conv, x)
+    assert rows.shape == (16, 2 * 9 + 1) and torch.all(rows[:, -1] == 1)
+    out = rows[:, :-1] @ conv.weight.detach().reshape(3, -1).T + conv.bias.detach()
+    torch.testing.assert_close(out.T.reshape(1, 3, 4, 4), conv(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_streams_second_moments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2)).eval()
+    x = torch.randn(40, 5)
+    stats = capture(model, ["2.weight"], [(x[:16],), (x[16:],)])["2.weight"]
+    hidden = torch.relu(model[0](x)).detach().double()
+    full = torch.cat([hidden, torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(stats.gram, full.T @ full, rtol=1e-5, atol=1e-5)
+    assert stats.rows == 40 and len(stats.grams) == 2
+
+
+def test_keeping_everything_changes_nothing():
+    model = assets.pretrained_digit_cnn()
+    x, _ = assets.mnist5k("test")
+    reference = model(x[:64]).detach()
+    calib = load_calibration("mnist5k", 64)
+    report = prune_structured(model, (x[:1],), StructuredSpec(0.0), "submodular", calibration=calib)
+    assert not report.ok and "nothing changed" in report.problem
+    torch.testing.assert_close(model(x[:64]).detach(), reference)
+
+
+def test_mnist_cnn_few_samples_beats_l1_thanks_to_reweighting():
+    x, y = assets.mnist5k("test")
+    accuracy = {}
+    calib = load_calibration("mnist5k", 50, seed=0)  # 5 per class on average
+    for method in ("submodular", "submodular-norw", "l1"):
+        model = assets.pretrained_digit_cnn()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = prune_structured(model, (x[:1],), StructuredSpec(0.75), method, calibration=calib)
+        assert report.ok
+        accuracy[method] = float((model(x).argmax(1) == y).float().mean())
+    assert accuracy["submodular"] > max(accuracy["submodular-norw"], accuracy["l1"])
+    assert accuracy["submodular"] >= 0.90
+
+
+def test_few_samples_warn():
+    calib = load_calibration("mnist5k", 20)
+    model = assets.pretrained_digit_cnn()
+    with pytest.warns(UserWarning, match="calibration rows for"):
+        prune_structured(model, (assets.mnist5k("test")[0][:1],), StructuredSpec(0.5), "submodular", calibration=calib)
+
+
+def test_calibration_sources(tmp_path):
+    x = torch.randn(30, 3, 8, 8)
+    torch.save(x, tmp_path / "x.pt")
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    for path in ("x.pt", "x.npz"):
+        calib = load_calibration(str(tmp_path / path), 20, batch_size=8, seed=1)
+        assert len(calib) == 20 and [b[0].shape[0] for b in calib] == [8, 8, 4]
+    again = load_calibration(str(tmp_path / "x.pt"), 20, batch_size=8, seed=1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(calib, again))
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    images = load_calibration(str(folder), 3, image_size=32)
+    assert images.batches[0][0].shape == (3, 3, 32, 32)
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(assets.sentences("calib", 12)))
+    st = assets.minilm()
+    sentences = load_calibration(str(text), 12, model=st[0].auto_model)
+    assert len(sentences) == 12 and all(b[0].shape == b[1].shape for b in sentences)
+    assert all(bool(b[1].all()) for b in sentences)  # batched by length: no padding
+    with pytest.raises(SrcompressError, match="not found"):
+        load_calibration(str(tmp_path / "missing"), 4)
+    with pytest.raises(SrcompressError, match="30 or fewer"):
+        load_calibration(str(tmp_path / "x.pt"), 31)
+
+
+def test_cli_submodular_needs_calibration(cli, tmp_path, model_files):
+    out = tmp_path / "o.pt"
+    result = cli("prune", "--method", "submodular", "--sparsity", "0.5", model_files["cnn"], "-o", out)
+    assert result.exit_code == 2 and "--calib" in result.stderr and not out.exists()
+    result = cli("prune", "--method", "submodular", "--sparsity", "0.5", "--calib", "mnist5k", "--calib-samples", "100",
+                 model_files["cnn"], "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json["request"]["calibration"]["samples"] == 100
+    assert all(0 < row["info"]["objective"] <= 1 + 1e-9 for row in result.json["groups"])
