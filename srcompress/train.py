@@ -40,7 +40,7 @@ class TrainConfig:
     sparsity: float = 0.9
     schedule: str = "cyclical"
     pattern: str = "unstructured"
-    scope: str = "layer"
+    scope: str = "global"
     min_density: float = 0.01
     exclude: tuple[str, ...] = ()
     keep_first: bool = True
@@ -48,6 +48,7 @@ class TrainConfig:
     cycles: int = 3
     prune_fraction: float = 0.75
     floor: bool = False
+    last_cycle: float = 1.0
     oneshot_at: float = 0.0  # fraction of training done dense before a one-shot prune
     update_every: int | None = None  # steps between mask updates (default: 1% of the pruning phase)
     optimizer_state: str = "pruned"
@@ -166,7 +167,7 @@ def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, e
     optimizer = _optimizer(model, config)
     if config.sparsity > 0:
         schedule = make_schedule(config.schedule, config.sparsity, total, interval=config.update_every, cycles=config.cycles,
-                                 prune_fraction=config.prune_fraction, floor=config.floor,
+                                 prune_fraction=config.prune_fraction, floor=config.floor, last_cycle=config.last_cycle,
                                  oneshot_at=round(config.oneshot_at * total))
         pruner = SparsePruner(model, schedule, pattern=config.pattern, scope=config.scope, min_density=config.min_density,
                               exclude=config.exclude, keep_first=config.keep_first, keep_last=config.keep_last,

@@ -127,6 +127,7 @@ class Cyclical(Schedule):
     cycles: int = 3
     prune_fraction: float = 0.75
     floor: bool = False
+    last_cycle: float = 1.0  # length of the last cycle relative to the others (a longer final ramp)
     exponent: float = 3.0
 
     kind = "cyclical"
@@ -137,6 +138,8 @@ class Cyclical(Schedule):
             raise SrcompressError(f"cycles must be at least 1, not {self.cycles}", "pass e.g. --cycles 3")
         if not 0.0 < self.prune_fraction <= 1.0:
             raise SrcompressError(f"prune fraction {self.prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
+        if not self.last_cycle > 0:
+            raise SrcompressError(f"last-cycle length {self.last_cycle} is not positive", "pass e.g. --last-cycle 2")
         shortest = min(b - a for a, b in zip(self.bounds(), self.bounds()[1:]))
         if shortest < max(2, self.interval):
             raise SrcompressError(f"{self.cycles} cycles of {shortest} steps are too short for updates every {self.interval} steps",
@@ -148,7 +151,8 @@ class Cyclical(Schedule):
 
     def bounds(self) -> list[int]:
         """Cycle start steps, then the end of the pruning phase."""
-        return [round(c * self.prune_end / self.cycles) for c in range(self.cycles + 1)]
+        units = self.cycles - 1 + self.last_cycle
+        return [round((c if c < self.cycles else units) * self.prune_end / units) for c in range(self.cycles + 1)]
 
     def cycle(self, step: int) -> int:
         bounds = self.bounds()
@@ -176,7 +180,7 @@ class Cyclical(Schedule):
 
 
 def make_schedule(kind: str, target: float, steps: int, *, interval: int | None = None, cycles: int = 3,
-                  prune_fraction: float = 0.75, floor: bool = False, oneshot_at: int = 0) -> Schedule:
+                  prune_fraction: float = 0.75, floor: bool = False, last_cycle: float = 1.0, oneshot_at: int = 0) -> Schedule:
     """A schedule by name (``oneshot``, ``gmp`` or ``cyclical``); ``interval`` defaults to 1% of the pruning phase."""
     end = max(1, round(prune_fraction * steps))
     if interval is None:
@@ -188,7 +192,7 @@ def make_schedule(kind: str, target: float, steps: int, *, interval: int | None 
             raise SrcompressError(f"prune fraction {prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
         return Gradual(target, steps, interval, end=end)
     if kind == "cyclical":
-        return Cyclical(target, steps, interval, cycles=cycles, prune_fraction=prune_fraction, floor=floor)
+        return Cyclical(target, steps, interval, cycles=cycles, prune_fraction=prune_fraction, floor=floor, last_cycle=last_cycle)
     raise SrcompressError(f"unknown schedule {kind!r}", f"use one of {', '.join(KINDS)}")
 
 

@@ -201,8 +201,8 @@ class SparsePruner:
             self._detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "schedule": self.schedule.describe(), "masks": dict(self.masks),
-                "ever_pruned": dict(self.ever_pruned), "log": list(self.log)}
+        return {"step": self.step_count, "schedule": self.schedule.describe(), "masks": {n: m.clone() for n, m in self.masks.items()},
+                "ever_pruned": {n: m.clone() for n, m in self.ever_pruned.items()}, "log": [dict(e) for e in self.log]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["schedule"] != self.schedule.describe():
