@@ -40,6 +40,26 @@ def _parse_normalize(text: str | None) -> tuple[float, float] | None:
     return mean, std
 
 
+def _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data):
+    """The model and its example input: a training sample unless --input-shape is given."""
+    from .inputs import resolve_example_inputs
+    from .io import LoadedModel, load_model
+
+    if bool(model_path) == bool(example):
+        raise SrcompressError("give either a MODEL file or --example", "e.g. srcompress train --example mnist --data mnist5k")
+    if example:
+        from .examples import get_example
+
+        with ui.phase(f"loading example {example}"):
+            loaded = LoadedModel(get_example(example).load(), "pt2")
+    else:
+        with ui.phase(f"loading {model_path}"):
+            loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    if input_shape:
+        return loaded, resolve_example_inputs(loaded.module, input_shape, input_dtype)[0]
+    return loaded, (train_data.x[:1],)
+
+
 def _init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); (rank, world size)."""
     import torch
@@ -146,7 +166,6 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
                output, fmt, force, checkpoint, checkpoint_every, resume, on_step, as_json):
     import torch
 
-    from .cli import _load
     from .data import load_data
     from .io import check_output_path, save_model
     from .report import layer_stats, model_totals, provenance
@@ -160,8 +179,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         eval_data = load_data(eval_source, normalize) if eval_source else None
     if eval_data is not None and eval_data.name == train_data.name:
         raise SrcompressError(f"--eval-data is the training data ({train_data.name})", "evaluate on held-out data")
-    shape = input_shape or ",".join(str(d) for d in (1, *train_data.x.shape[1:]))
-    loaded, inputs, _, _ = _load(model_path, example, arch, trust_pickle, shape, input_dtype)
+    loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     if checkpoint.exists() and not resume and not force:
         raise SrcompressError(f"checkpoint {checkpoint} exists from an earlier run", "pass --resume to continue it or --force to start over")
