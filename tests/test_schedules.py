@@ -93,3 +93,9 @@ def test_longer_last_cycle():
     assert s.bounds() == [0, 75, 150, 300]
     assert s.sparsity(150) == 0.0 and s.sparsity(225) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
     assert s.sparsity(75 + 35) == pytest.approx(0.9 - 0.9 * (1 - 35 / 75) ** 3)
+
+
+def test_one_cycle_is_gmp():
+    cyclical = Cyclical(0.95, steps=500, interval=4, cycles=1, prune_fraction=0.8)
+    gmp = Gradual(0.95, steps=500, interval=4, end=400)
+    assert [cyclical.sparsity(t) for t in range(500)] == [gmp.sparsity(t) for t in range(500)]
