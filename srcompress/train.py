@@ -70,8 +70,13 @@ class TrainConfig:
             raise SrcompressError(f"unknown learning-rate schedule {self.lr_schedule!r}", f"use one of {', '.join(LR_SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise SrcompressError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be positive", "pass e.g. --epochs 10 --batch-size 64")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SrcompressError(f"sparsity {self.sparsity} is outside [0, 1)", "pass e.g. --sparsity 0.9 (0 trains dense)")
         if not self.lr > 0:
             raise SrcompressError(f"learning rate {self.lr} is not positive", "pass e.g. --lr 1e-3")
+        if not (0.0 <= self.momentum < 1.0 and self.weight_decay >= 0.0):
+            raise SrcompressError(f"momentum {self.momentum} or weight decay {self.weight_decay} is out of range",
+                                  "use 0 <= momentum < 1 and weight decay >= 0")
         if not 0.0 <= self.oneshot_at < 1.0:
             raise SrcompressError(f"one-shot point {self.oneshot_at} is outside [0, 1)", "pass a fraction of training, e.g. 0.5")
 

@@ -61,12 +61,12 @@ def _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtyp
 
 
 def _init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); (rank, world size)."""
+    """Join the process group torchrun describes (gloo: training runs on CPU); (rank, world size)."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("gloo")
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -181,6 +181,8 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         raise SrcompressError(f"--eval-data is the training data ({train_data.name})", "evaluate on held-out data")
     loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    if not checkpoint.parent.is_dir():
+        raise SrcompressError(f"checkpoint folder {checkpoint.parent} does not exist", "create it or choose another --checkpoint")
     if checkpoint.exists() and not resume and not force:
         raise SrcompressError(f"checkpoint {checkpoint} exists from an earlier run", "pass --resume to continue it or --force to start over")
     fingerprint = {"model": loaded.sha256 or f"example:{example}", "data": train_data.digest()}

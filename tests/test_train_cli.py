@@ -138,6 +138,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         (["--data", "mnist5k", "--sparsity", "1.0"], "outside [0, 1)"),
         (["--data", "mnist5k", "--pattern", "2:4"], "always gives sparsity 0.5"),
         (["--data", "mnist5k", "--eval-data", "mnist5k"], "is the training data"),
+        (["--data", "mnist5k", "--sparsity", "-0.5"], "outside [0, 1)"),
+        (["--data", "mnist5k", "--momentum", "1.5", "--optimizer", "sgd"], "out of range"),
+        (["--data", "mnist5k", "--checkpoint", tmp_path / "nowhere" / "c.ckpt"], "checkpoint folder"),
     ]
     for args, message in cases:
         result = cli("train", lenet, *args, "-o", out, "--json")
