@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,12 +231,17 @@ def test_torchrun_two_processes(tmp_path, lenet, small_data):
     train, held = small_data
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp.pt"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "srcompress.cli", "train", str(lenet),
-                           "--data", str(train), "--eval-data", str(held), "--epochs", "2", "--batch-size", "32",
-                           "--sparsity", "0.8", "--cycles", "2", "-o", str(out), "--json"],
-                          capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "srcompress.cli", "train", str(lenet), "--data", str(train),
+               "--eval-data", str(held), "--epochs", "2", "--batch-size", "32", "--sparsity", "0.8", "--cycles", "2", "-o", str(out), "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:  # a hung run: end the launcher and both workers
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-2000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert report["steps"] == 2 * 10  # 640 samples, 320 per rank, batches of 32
     assert report["sparsity"]["reached"] == pytest.approx(0.8, abs=1e-4)
     assert report["evaluation"]["after"] > report["evaluation"]["before"]
