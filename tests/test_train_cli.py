@@ -37,8 +37,10 @@ class DropNet(nn.Module):
         return self.fc2(self.drop(torch.relu(self.fc1(x.flatten(1)))))
 
 
-def env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+def env(threads=None):
+    """The child runs with this process's thread count: float results depend on it."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": str(threads or torch.get_num_threads())}
 
 
 @pytest.fixture
@@ -233,7 +235,7 @@ def test_torchrun_two_processes(tmp_path, lenet, small_data):
     out = tmp_path / "ddp.pt"
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "srcompress.cli", "train", str(lenet), "--data", str(train),
                "--eval-data", str(held), "--epochs", "2", "--batch-size", "32", "--sparsity", "0.8", "--cycles", "2", "-o", str(out), "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(threads=1), cwd=tmp_path,
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=300)
