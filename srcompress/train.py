@@ -23,7 +23,7 @@ from torch import nn
 
 from . import ui
 from .compress.schedules import KINDS, make_schedule
-from .compress.sparse_training import SparsePruner
+from .compress.sparse_training import SparsePruner, set_mode
 from .data import Dataset
 from .errors import SrcompressError
 from .inputs import set_eval
@@ -93,6 +93,7 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def _world() -> tuple[int, int]:
@@ -108,7 +109,7 @@ def accuracy(model: nn.Module, data: Dataset, batch: int = 500) -> float:
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(data.x.split(batch), data.y.split(batch)))
     if was_training:
-        model.train()
+        set_mode(model, True)
     return correct / len(data)
 
 
@@ -135,11 +136,11 @@ def _check_model_output(model: nn.Module, data: Dataset) -> None:
     set_eval(model)
     try:
         with torch.no_grad():
-            out = model(data.x[:2])
+            out = model(data.x[:3])  # three samples: a program exported with a fixed batch size fails here, not mid-training
     except Exception as err:  # noqa: BLE001 - a shape mismatch between data and model
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SrcompressError(f"the model cannot run on inputs of shape {tuple(data.x.shape[1:])} from {data.name} ({reason})",
-                              "give data shaped like the model's input") from err
+        raise SrcompressError(f"the model cannot run on a batch of inputs of shape {tuple(data.x.shape[1:])} from {data.name} ({reason})",
+                              "give data shaped like the model's input (a .pt2 must be exported with a dynamic batch size)") from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise SrcompressError("the model does not return one row of class scores per input", "train a classifier returning (batch, classes) logits")
     if out.shape[1] < data.classes:
@@ -184,7 +185,9 @@ def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, e
         step, losses = _load_checkpoint(checkpoint, meta, model, optimizer, pruner, result)
         result.resumed_from = step
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    model.train()
+    if not set_mode(model, True):
+        result.notes.append("the model came from a torch.export program: it trains in the mode it was exported in "
+                            "(dropout and batch norm behave as at export)")
     first_epoch = step // per_epoch
     for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
@@ -233,7 +236,7 @@ def _save_checkpoint(path: Path, meta, step, losses, model, optimizer, pruner, r
 
     state = {"format": CHECKPOINT_FORMAT, **meta, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "pruner": pruner.state_dict() if pruner is not None else None, "rng": torch.get_rng_state(),
-             "history": result.history, "epoch_losses": losses, "eval_before": result.eval_before}
+             "history": result.history, "epoch_losses": losses, "eval_before": result.eval_before, "threads": torch.get_num_threads()}
     with atomic_path(Path(path)) as tmp:
         torch.save(state, tmp)
 
@@ -257,6 +260,9 @@ def _load_checkpoint(path: Path | None, meta, model, optimizer, pruner, result: 
     if pruner is not None:
         pruner.load_state_dict(state["pruner"])
     torch.set_rng_state(state["rng"])
+    if state["threads"] != torch.get_num_threads():
+        result.notes.append(f"resumed with {torch.get_num_threads()} torch threads, the checkpoint was written with {state['threads']}: "
+                            "results can differ in the last bits from an uninterrupted run")
     result.history = list(state["history"])
     result.eval_before = state["eval_before"]
     return int(state["step"]), list(state["epoch_losses"])

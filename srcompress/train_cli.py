@@ -122,7 +122,7 @@ def register(group: click.Group, model_options) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output and discard an existing checkpoint.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Checkpoint file (default: <output>.ckpt); removed after success.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: every epoch).")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint; the result is bit-identical to an uninterrupted run on CPU.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint; on CPU with the same thread count the result is bit-identical to an uninterrupted run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initial RNG state and the batch order.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--stop-after-steps", type=int, default=None, hidden=True, help="Testing: kill the process (SIGKILL) after this many steps.")
@@ -208,7 +208,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         "files": {"input": str(loaded.path) if loaded.path else f"example:{example}", "output": str(written),
                   "output_bytes": written.stat().st_size, "format": fmt or loaded.format},
         "provenance": provenance(config.seed, loaded.sha256),
-        "notes": loaded.notes,
+        "notes": loaded.notes + result.notes,
     }
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -133,7 +133,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         (["--data", tmp_path / "missing.pt"], "data not found"),
         (["--data", tmp_path / "floats.pt"], "labels must be a 1-D integer tensor"),
         (["--data", tmp_path / "short.pt"], "has 4 inputs and 3 labels"),
-        (["--data", tmp_path / "shape.pt"], "cannot run on inputs of shape (3, 32, 32)"),
+        (["--data", tmp_path / "shape.pt"], "cannot run on a batch of inputs of shape (3, 32, 32)"),
         (["--data", tmp_path / "classes.pt"], "labels up to 12 but the model has 10 outputs"),
         (["--data", tmp_path / "other.pt"], "not inputs and labels"),
         (["--data", tmp_path / "empty_dir"], "no class sub-folders"),
@@ -181,6 +181,7 @@ def test_resume_after_kill_is_bit_identical(cli, tmp_path, small_data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.json["history"] == straight.json["history"]
     assert resumed.json["sparsity"] == straight.json["sparsity"]
+    assert not any("threads" in note for note in resumed.json["notes"])
 
     missing = cli(*args, "-o", tmp_path / "other.pt", "--resume")
     assert missing.exit_code == 2 and "no checkpoint to resume from" in missing.stderr
@@ -248,3 +249,25 @@ def test_torchrun_two_processes(tmp_path, lenet, small_data):
     assert report["sparsity"]["reached"] == pytest.approx(0.8, abs=1e-4)
     assert report["evaluation"]["after"] > report["evaluation"]["before"]
     assert out.exists() and not (tmp_path / "ddp.pt.ckpt").exists()
+
+
+def test_pt2_input_trains_and_saves_pt2(cli, tmp_path, small_data):
+    train, held = small_data
+    torch.manual_seed(0)
+    source = tmp_path / "lenet.pt2"
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(LeNet5().eval(), (torch.zeros(2, 1, 28, 28),)), str(fixed))
+    result = cli("train", fixed, "--data", train, "--epochs", "1", "-o", tmp_path / "x.pt2")
+    assert result.exit_code == 2 and "exported with a dynamic batch size" in result.stderr
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(LeNet5().eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(source))
+    out = tmp_path / "out.pt2"
+    result = cli("train", source, "--data", train, "--eval-data", held, "--epochs", "2", "--batch-size", "32",
+                 "--schedule", "oneshot", "--sparsity", "0.7", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert any("trains in the mode it was exported in" for note in result.json["notes"])
+    model = torch.export.load(str(out)).module()
+    x, y = torch.load(held, weights_only=True)
+    assert int((model(x).argmax(1) == y).sum()) / len(y) == result.json["evaluation"]["after"]
+    assert cli("inspect", out, "--json").json["totals"]["sparse_layers_sparsity"] == pytest.approx(0.7, abs=1e-3)

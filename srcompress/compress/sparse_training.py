@@ -57,11 +57,13 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def _set_mode(model: nn.Module, training: bool) -> None:
+def set_mode(model: nn.Module, training: bool) -> bool:
+    """``model.train(training)``; False for modules unlifted from torch.export, which keep the mode they were exported in."""
     try:
         model.train(training)
-    except NotImplementedError:  # modules unlifted from torch.export keep the mode they were exported in
-        pass
+    except NotImplementedError:
+        return False
+    return True
 
 
 class SparsePruner:
@@ -84,7 +86,7 @@ class SparsePruner:
         was_training = module.training
         inputs = example_inputs if example_inputs is not None else guess_example_inputs(module)
         layers, _ = trace_layers(module, inputs)
-        _set_mode(module, was_training)
+        set_mode(module, was_training)
         self.plans: list[LayerPlan] = plan_layers(layers, self.spec)
         self.active = [p for p in self.plans if p.pruned]
         if not self.active:
