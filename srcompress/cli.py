@@ -270,5 +270,8 @@ def inspect(model_path, example, arch, trust_pickle, input_shape, input_dtype, a
             console.print(f"note: {note}")
 
 
+from .train_cli import register as _register_training  # noqa: E402
+_register_training(main, _model_options)  # adds the train and recipe commands
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,211 @@
+"""Recipes: several stages run on one model in order, described in a small TOML file.
+
+    seed = 0                      # optional, default for every stage
+    [data]                        # used by train stages
+    train = "mnist5k"             # eval defaults to mnist5k:test for mnist5k
+    [[stage]]
+    kind = "prune"                # mask pruning, the keys of `srcompress prune`
+    sparsity = 0.5
+    [[stage]]
+    kind = "train"                # sparse training, the keys of `srcompress train`
+    sparsity = 0.9
+    schedule = "cyclical"
+    epochs = 3
+
+A stage kind is a :class:`StageKind`: ``parse`` checks a table before anything runs, ``run`` changes
+the model (or returns a new one) and says what it did. Adding a kind is one entry in ``STAGES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from . import ui
+from .errors import SrcompressError, TargetNotMet
+
+
+@dataclass
+class Context:
+    """What stages share: the example input, the data (loaded once) and the recipe's defaults."""
+
+    example_inputs: tuple
+    data: dict[str, str]
+    seed: int
+    loaded_data: dict[str, Any] = field(default_factory=dict)
+
+    def dataset(self, source: str):
+        from .data import load_data
+
+        if source not in self.loaded_data:
+            self.loaded_data[source] = load_data(source)
+        return self.loaded_data[source]
+
+    def eval_source(self) -> str | None:
+        train = self.data.get("train", "")
+        if "eval" in self.data:
+            return self.data["eval"]
+        return "mnist5k:test" if train in ("mnist5k", "mnist5k:train") else None
+
+
+@dataclass(frozen=True)
+class StageKind:
+    parse: Callable[[dict[str, Any], int, dict], Any]  # (table, seed, data) -> validated stage config
+    run: Callable[[nn.Module, Any, Context], tuple[nn.Module, dict[str, Any]]]
+
+
+def _keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed - {"kind"})
+    if unknown:
+        raise SrcompressError(f"{where}: unknown key {unknown[0]!r}", f"use one of {', '.join(sorted(allowed))}")
+
+
+def _parse_prune(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]:
+    from .compress.masks import MaskSpec
+    from .compress.patterns import Pattern
+    from .compress.registry import get_method
+
+    allowed = {"sparsity", "pattern", "method", "scope", "min_density", "exclude", "prune_first", "prune_last", "seed"}
+    _keys(table, allowed, "prune stage")
+    pattern = Pattern.parse(str(table.get("pattern", "unstructured")))
+    sparsity = table.get("sparsity", pattern.fixed_sparsity)
+    if sparsity is None:
+        raise SrcompressError("prune stage: sparsity is required", "add e.g. sparsity = 0.5")
+    spec = MaskSpec(float(sparsity), pattern, table.get("scope", "global"), float(table.get("min_density", 0.01)),
+                    tuple(table.get("exclude", ())), not table.get("prune_first", False), not table.get("prune_last", False),
+                    int(table.get("seed", seed)))
+    spec.validate()
+    method = table.get("method", "magnitude")
+    get_method(method)
+    return {"spec": spec, "method": method}
+
+
+def _run_prune(model: nn.Module, stage: dict[str, Any], context: Context) -> tuple[nn.Module, dict[str, Any]]:
+    from .pipeline import prune_model
+
+    report = prune_model(model, context.example_inputs, stage["spec"], stage["method"])
+    if not report.ok:
+        raise TargetNotMet(f"prune stage: {report.problem}", "nothing was written; adjust the recipe")
+    sp = report.sparsity
+    summary = f"{stage['method']} {report.request['pattern']} to {sp['reached']:.2%} of the pruned layers"
+    return model, {"summary": summary, "report": report.to_json()}
+
+
+TRAIN_DATA_KEYS = {"data", "eval_data"}
+
+
+def _parse_train(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]:
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    _keys(table, fields | TRAIN_DATA_KEYS, "train stage")
+    values = {k: (tuple(v) if k == "exclude" else v) for k, v in table.items() if k in fields}
+    values.setdefault("seed", seed)
+    try:
+        config = TrainConfig(**values)
+    except TypeError as err:
+        raise SrcompressError(f"train stage: {err}", "check the recipe's keys") from err
+    config.validate()
+    source = table.get("data", data.get("train"))
+    if not source:
+        raise SrcompressError("train stage: no training data", "add [data] train = \"...\" or data = \"...\" to the stage")
+    return {"config": config, "data": source, "eval_data": table.get("eval_data")}
+
+
+def _run_train(model: nn.Module, stage: dict[str, Any], context: Context) -> tuple[nn.Module, dict[str, Any]]:
+    from .train import train_model
+
+    train_data = context.dataset(stage["data"])
+    eval_source = stage["eval_data"] or (context.eval_source() if stage["data"] == context.data.get("train") else None)
+    eval_data = context.dataset(eval_source) if eval_source else None
+    result = train_model(model, train_data, stage["config"], eval_data=eval_data, example_inputs=context.example_inputs)
+    config = stage["config"]
+    summary = f"{config.schedule} {config.pattern} training for {config.epochs} epochs"
+    if result.sparse:
+        summary += f" to {result.sparse['reached']:.2%} of the pruned layers"
+    if result.eval_after is not None:
+        summary += f", accuracy {result.eval_before:.2%} -> {result.eval_after:.2%} on {eval_data.name}"
+    return model, {"summary": summary, "config": config.to_json(), "history": result.history, "sparsity": result.sparse,
+                   "eval_before": result.eval_before, "eval_after": result.eval_after, "steps": result.steps}
+
+
+STAGES: dict[str, StageKind] = {
+    "prune": StageKind(_parse_prune, _run_prune),
+    "train": StageKind(_parse_train, _run_train),
+}
+
+
+@dataclass
+class Recipe:
+    path: Path
+    seed: int
+    data: dict[str, str]
+    stages: list[tuple[str, Any]]
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and check every stage of a recipe file, so a mistake in stage 3 stops before stage 1 runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise SrcompressError(f"recipe not found: {path}", "give the path of a .toml recipe")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SrcompressError("reading a TOML recipe needs Python 3.11+ or the tomli package", "pip install tomli") from None
+    try:
+        table = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SrcompressError(f"{path} is not valid TOML ({str(err).splitlines()[0][:120]})", "fix the recipe's syntax") from err
+    _keys(table, {"seed", "data", "stage"}, f"recipe {path.name}")
+    stages = table.get("stage")
+    if not isinstance(stages, list) or not stages:
+        raise SrcompressError(f"recipe {path.name} has no [[stage]] tables", "add at least one [[stage]] with a kind")
+    data = table.get("data", {})
+    _keys(data, {"train", "eval"}, "[data]")
+    seed = int(table.get("seed", 0))
+    parsed = []
+    for index, stage in enumerate(stages, 1):
+        kind = stage.get("kind")
+        if kind not in STAGES:
+            raise SrcompressError(f"recipe stage {index}: unknown kind {kind!r}", f"use one of {', '.join(STAGES)}")
+        try:
+            parsed.append((kind, STAGES[kind].parse(stage, seed, data)))
+        except SrcompressError as err:
+            raise SrcompressError(f"recipe stage {index}: {err.problem}", err.fix) from err
+    return Recipe(path, seed, dict(data), parsed)
+
+
+def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str | None, force: bool) -> dict[str, Any]:
+    """Run the stages on the loaded model and write it atomically; returns the JSON report."""
+    import torch
+
+    from .io import check_output_path, save_model
+    from .report import provenance
+
+    torch.manual_seed(recipe.seed)
+    loaded, inputs, _, evaluate = load()
+    check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    context = Context(inputs, recipe.data, recipe.seed)
+    before = evaluate(loaded.module) if evaluate else None
+    model = loaded.module
+    reports = []
+    for index, (kind, stage) in enumerate(recipe.stages, 1):
+        with ui.phase(f"stage {index}/{len(recipe.stages)}: {kind}"):
+            model, report = STAGES[kind].run(model, stage, context)
+        reports.append({"kind": kind, **report})
+    loaded = copy.copy(loaded)
+    loaded.module = model
+    after = evaluate(model) if evaluate else None
+    written = save_model(loaded, output, fmt, example_inputs=inputs, force=force, reuse_program=False)
+    return {"ok": True, "recipe": str(recipe.path), "stages": reports,
+            "evaluation": {"metric": before["metric"], "dataset": before["dataset"], "before": before["value"], "after": after["value"]} if before else None,
+            "files": {"input": str(loaded.path) if loaded.path else "example", "output": str(written), "format": fmt or loaded.format},
+            "provenance": provenance(recipe.seed, loaded.sha256)}
