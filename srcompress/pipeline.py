@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -117,6 +117,7 @@ class StructuredContext:
     seed: int = 0
     calibration: Any = None  # calibration data for data-driven methods
     original: nn.Module | None = None  # a frozen copy of the model before pruning (targets for data-driven methods)
+    cache: dict = field(default_factory=dict)  # anything a method computes once per run
 
 
 def prune_structured(

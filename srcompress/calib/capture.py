@@ -111,9 +111,42 @@ def _run_until_seen(model: nn.Module, modules: dict[str, nn.Module], batch: tupl
     return {name: torch.cat(parts) for name, parts in seen.items()}
 
 
+class ReferenceInputs:
+    """Consumer-layer inputs of a fixed reference model, captured in one pass and kept in float16.
+
+    Sequential pruning needs the reference (original) model's input at every consumer in turn; keeping them
+    avoids one reference forward pass per group. Nothing is kept when the estimate exceeds ``budget`` bytes;
+    callers then run the reference model alongside (same result, more time).
+    """
+
+    def __init__(self, reference: nn.Module, consumers: list[str], calibration, budget: int = 4 << 30):
+        set_eval(reference)
+        modules = {name: m for name in consumers if (m := consumer_module(reference, name)) is not None}
+        batches = list(calibration)
+        self.rows: list[dict[str, torch.Tensor]] | None = None
+        if not modules or not batches:
+            return
+        first = _run_until_seen(reference, modules, batches[0], early_exit=False)
+        if sum(r.numel() * 2 for r in first.values()) * len(batches) > budget:
+            return
+        self.rows = [{k: v.half() for k, v in first.items()}]
+        for batch in ui.track(batches[1:], "capturing the original model's layer inputs"):
+            self.rows.append({k: v.half() for k, v in _run_until_seen(reference, modules, batch, early_exit=False).items()})
+
+    def get(self, index: int, names: list[str]) -> dict[str, torch.Tensor] | None:
+        if self.rows is None or any(name not in self.rows[index] for name in names):
+            return None
+        return {name: self.rows[index][name].float() for name in names}
+
+
 def capture(model: nn.Module, consumers: list[str], calibration, reference: nn.Module | None = None,
-            early_exit: bool = True, description: str = "capturing", folds: int = 4) -> dict[str, LayerInputStats]:
-    """Gram and cross matrices of each consumer's input; ``reference`` (default: the model itself) gives A."""
+            early_exit: bool = True, description: str = "capturing", folds: int = 4,
+            cached: ReferenceInputs | None = None) -> dict[str, LayerInputStats]:
+    """Gram and cross matrices of each consumer's input.
+
+    A comes from ``cached`` reference inputs when they hold these consumers, else from running ``reference``
+    (default: the model itself, so A = B).
+    """
     set_eval(model)
     modules = {name: consumer_module(model, name) for name in consumers}
     missing = [name for name, module in modules.items() if module is None]
@@ -127,7 +160,9 @@ def capture(model: nn.Module, consumers: list[str], calibration, reference: nn.M
     folds = max(1, min(folds, len(batches)))
     for index, batch in enumerate(ui.track(batches, description)):
         current = _run_until_seen(model, modules, batch, early_exit)
-        target = _run_until_seen(reference, ref_modules, batch, early_exit) if reference is not None else current
+        target = cached.get(index, consumers) if cached is not None else None
+        if target is None:
+            target = _run_until_seen(reference, ref_modules, batch, early_exit) if reference is not None else current
         for name, rows in current.items():
             other = target[name]
             if name not in stats:

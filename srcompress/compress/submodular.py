@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..calib.capture import capture, consumer_module
+from ..calib.capture import ReferenceInputs, capture, consumer_module
 from .graph import ChannelGroup, Graph
 from .registry import Method
 from .structured import GroupDecision, _tensor_table, l1_scores, lowest
@@ -43,15 +43,26 @@ def unit_columns(group: ChannelGroup, consumer: tuple[str, int], taps: int) -> l
 
 
 class _Residual:
-    """G and H after projecting out the chosen columns (Schur complements), updated per chosen block."""
+    """G and H after projecting out the chosen columns (Schur complements), updated per chosen block.
 
-    def __init__(self, gram: np.ndarray, target: np.ndarray):
+    Directions whose residual variance is below ``floor`` (a fixed fraction of the original mean variance)
+    count as already explained: with fewer calibration rows than columns the residual becomes round-off,
+    and inverting it would report gains that are noise.
+    """
+
+    def __init__(self, gram: np.ndarray, target: np.ndarray, relative_floor: float = 1e-5):
         self.r = gram.copy()
         self.h = target.copy()
+        self.floor = relative_floor * max(float(np.trace(gram)) / max(len(gram), 1), 1e-300)
+
+    def _inverse(self, cols: np.ndarray) -> np.ndarray:
+        values, vectors = np.linalg.eigh(self.r[np.ix_(cols, cols)])
+        keep = values > self.floor
+        return (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
 
     def add(self, cols: np.ndarray) -> float:
         """Project out the columns ``cols``; returns the objective they add."""
-        inverse = np.linalg.pinv(self.r[np.ix_(cols, cols)], rcond=1e-10, hermitian=True)
+        inverse = self._inverse(cols)
         h_c = self.h[cols]
         gain = float(np.sum(h_c * (inverse @ h_c)))
         coupling = self.r[:, cols] @ inverse
@@ -65,13 +76,14 @@ class _Residual:
             idx = np.array([b[0] for b in blocks])
             diag = self.r[idx, idx]
             energy = np.einsum("ij,ij->i", self.h[idx], self.h[idx])
-            return np.where(diag > 1e-12 * max(self.r.trace(), 1e-300), energy / np.maximum(diag, 1e-300), 0.0)
+            return np.where(diag > self.floor, energy / np.maximum(diag, self.floor), 0.0)
         idx = np.stack(blocks)
         blocks_r = self.r[idx[:, :, None], idx[:, None, :]]
         blocks_h = self.h[idx]
-        scale = 1e-10 * max(np.trace(self.r) / len(self.r), 1e-300)
-        solved = np.linalg.solve(blocks_r + scale * np.eye(width), blocks_h)
-        return np.einsum("nij,nij->n", blocks_h, solved)
+        values, vectors = np.linalg.eigh(blocks_r)
+        projected = np.einsum("nij,nik->njk", vectors, blocks_h)  # eigenbasis coordinates of H
+        weights = np.where(values > self.floor, 1.0 / np.maximum(values, self.floor), 0.0)
+        return np.einsum("nj,njk->n", weights, projected ** 2)
 
 
 def greedy_keep(problems: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]], keep: int) -> tuple[list[int], float, float]:
@@ -154,6 +166,16 @@ def _consumer_matrix(weight: torch.Tensor) -> np.ndarray:
     return weight.detach().double().reshape(weight.shape[0], -1).T.numpy()
 
 
+def _reference_inputs(graph: Graph, context) -> ReferenceInputs | None:
+    """The original model's inputs at every consumer, captured once per pruning run."""
+    if getattr(context, "original", None) is None:
+        return None
+    if "reference_inputs" not in context.cache:
+        consumers = sorted({name for g in graph.groups for name, dim in g.consumers if dim == 1})
+        context.cache["reference_inputs"] = ReferenceInputs(context.original, consumers, context.calibration)
+    return context.cache["reference_inputs"]
+
+
 def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, reweight: bool = True) -> GroupDecision:
     """Keep the units that best reconstruct the consumers' outputs; re-fit the consumers (asymmetric objective)."""
     model = graph.model
@@ -167,7 +189,7 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
     reference = getattr(context, "original", None)
     early_exit = all(graph.use_count.get(n, 1) == 1 for n in names)
     stats = capture(model, names, context.calibration, reference=reference, early_exit=early_exit,
-                    description=f"calibrating {group.name}")
+                    description=f"calibrating {group.name}", cached=_reference_inputs(graph, context))
     table = _tensor_table(model)
     ref_table = _tensor_table(reference) if reference is not None else table
     problems, biases, fold_grams, fold_targets = [], [], [], []
@@ -190,7 +212,8 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
     removed = sorted(set(range(group.size)) - set(kept))
     samples = min(entry.rows for entry in stats.values())
     kept_columns = max(len(np.concatenate([p[2][u] for u in kept] + [p[3]])) for p in problems)
-    info = {"objective": reached / total if total > 0 else 1.0, "rows": samples, "kept_columns": kept_columns,
+    # A subset cannot explain more than every unit does; a ratio above 1 would only be round-off.
+    info = {"objective": min(reached, total) / total if total > 0 else 1.0, "rows": samples, "kept_columns": kept_columns,
             "reweighted": reweight}
     if samples < 2 * kept_columns:
         message = (f"{group.name}: {samples} calibration rows for {kept_columns} kept columns; least squares is "
