@@ -134,6 +134,21 @@ def test_cached_metadata_follows_module_to():
     assert layer.sparse.schedule(1).start.dtype == torch.int32
 
 
+def test_state_dict_and_pickle_round_trip(tmp_path):
+    model = nn.Sequential(make_linear(64, 128, (32, 32), 0.5), nn.ReLU())
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    model, _ = sparsify(model, (32, 32), force=True)
+    assert set(model.state_dict()) == set(state)  # same keys as the dense model
+    x = inputs(3, 128)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(x), model(x))
+    state["0.weight"][:, :64] = 0
+    loaded.load_state_dict(state)
+    assert loaded[0].sparse.nnzb == int((state["0.weight"].reshape(2, 32, 4, 32) != 0).any(3).any(1).sum())
+    assert torch.allclose(loaded(x), F.relu(F.linear(x, state["0.weight"], state["0.bias"])), atol=1e-6)
+
+
 @pytest.mark.parametrize("shape, block, message", [
     ((100, 64), (16, 16), "not divisible by block 16x16"),
     ((64, 64), (8, 8), "powers of two of at least 16"),

@@ -63,8 +63,9 @@ def torch_bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Ten
 class SparseLinear(nn.Module):
     """``act(x @ W.T + b)`` for a block-sparse W, on the fastest path available for the input.
 
-    The BSR copy is made once, from the weight at construction; the weight and bias are frozen
-    (``requires_grad`` False). Unfreezing them, or an input that needs gradients, selects the dense path.
+    The BSR copy is made from the weight at construction and again when a state dict is loaded (not after
+    in-place edits of the weight). The weight and bias are frozen (``requires_grad`` False); unfreezing them,
+    or an input that needs gradients, selects the dense path.
 
     ``backend``: ``auto`` (Triton on CUDA, torch BSR for fp32 on CPU, dense otherwise), or one of
     ``triton``, ``torch-bsr``, ``dense`` to force a path (exports always run dense).
@@ -99,6 +100,10 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block[0]}x{self.block[1]}, "
                 f"density={self.sparse.density:.3f}, activation={self.activation}, backend={self.backend}")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sparse = to_block_sparse(self.matrix().detach(), self.block)  # keep the BSR copy in step
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
