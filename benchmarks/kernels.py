@@ -40,6 +40,7 @@ from srcompress.kernels.roofline import hardware_for_device, ideal_time
 from srcompress.pipeline import prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BUSY_CPUS = 0.25  # CPU rows measured while other processes used more than this are flagged
 GPU_SHAPES = {  # (outputs, inputs) of real layers
     "minilm-ffn-in": (1536, 384), "minilm-ffn-out": (384, 1536),
     "vit-b-mlp-in": (3072, 768), "vit-b-mlp-out": (768, 3072),
@@ -61,7 +62,7 @@ def environment(device: str) -> dict:
 
         info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
     else:
-        info.update(cpu=_cpu_name(), threads=torch.get_num_threads(), load_average_before=os.getloadavg()[0])
+        info.update(cpu=_cpu_name(), threads=torch.get_num_threads(), cpus=os.cpu_count())
     return info
 
 
@@ -88,6 +89,24 @@ def pruned_linear(n: int, k: int, block: int, sparsity: float) -> nn.Sequential:
     return model
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """Busy clock ticks of the whole machine and of this process (all threads), from /proc; None off Linux."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(values) - values[3] - values[4], int(own[11]) + int(own[12])  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_cores(start: tuple[int, int] | None, wall_s: float) -> float | None:
+    """Average number of CPUs that other processes (and the hypervisor) used since ``start``."""
+    end = cpu_ticks()
+    if start is None or end is None:
+        return None
+    return ((end[0] - start[0]) - (end[1] - start[1])) / (wall_s * os.sysconf("SC_CLK_TCK"))
+
+
 def median_ms(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
     timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -110,29 +129,37 @@ def cpu_run(quick: bool) -> list[dict]:
                 if not torch.allclose(sparse(x), dense(x), atol=1e-4):
                     raise RuntimeError(f"sparse and dense outputs differ (block {block}, batch {m})")
                 times = {"dense": [], "sparse": []}
+                ticks, started = cpu_ticks(), time.perf_counter()
                 for _ in range(rounds):
                     times["dense"].append(median_ms(dense, x, min_run_time))
                     times["sparse"].append(median_ms(sparse, x, min_run_time))
+                others = other_cores(ticks, time.perf_counter() - started)
             dense_ms, sparse_ms = statistics.median(times["dense"]), statistics.median(times["sparse"])
             rows.append({"shape": [n, k], "dtype": "float32", "block": [block, block], "density": round(decision.density, 4),
                          "M": m, "kernel": f"sparsify() -> {sparse[0].path(x)}", "dense_ms": round(dense_ms, 4),
                          "sparse_ms": round(sparse_ms, 4), "speedup": round(dense_ms / sparse_ms, 2), "rounds": rounds,
                          "dense_ms_rounds": [round(t, 4) for t in times["dense"]],
-                         "sparse_ms_rounds": [round(t, 4) for t in times["sparse"]]})
+                         "sparse_ms_rounds": [round(t, 4) for t in times["sparse"]],
+                         "other_processes_cpus": None if others is None else round(others, 2)})
             print(f"block {block:2d} batch {m:2d}: dense {dense_ms:7.3f} ms  sparse {sparse_ms:7.3f} ms  "
-                  f"{dense_ms / sparse_ms:5.2f}x", file=sys.stderr, flush=True)
+                  f"{dense_ms / sparse_ms:5.2f}x  (other processes used {others or 0:.2f} CPUs)", file=sys.stderr, flush=True)
     return rows
 
 
 def cpu_table(rows: list[dict], env: dict, command: str) -> str:
-    lines = [f"# CPU block-sparse Linear: sparsify() vs dense ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
-             f"1-min load average {env['load_average_before']:.2f} before, {env['load_average_after']:.2f} after)",
+    lines = [f"# CPU block-sparse Linear: sparsify() vs dense ({env['cpu']}, {env['cpus']} CPUs, {env['threads']} threads, "
+             f"torch {env['torch']})",
              "", f"`{command}`; 4096x4096 Linear pruned to 90 % in whole blocks; fp32; medians of "
              f"{rows[0]['rounds']} alternating rounds of `torch.utils.benchmark` (each round: median of its blocks).", "",
-             "| block | batch | block density | dense (ms) | sparsify() (ms) | speedup |", "|---|---|---|---|---|---|"]
+             "'other CPUs': how many CPUs other processes kept busy meanwhile (from /proc); above "
+             f"{BUSY_CPUS} the timings share the machine and are not trustworthy.", "",
+             "| block | batch | block density | dense (ms) | sparsify() (ms) | speedup | other CPUs |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        others = r["other_processes_cpus"]
+        flag = "" if others is None or others <= BUSY_CPUS else " (busy)"
         lines.append(f"| {r['block'][0]}x{r['block'][1]} | {r['M']} | {r['density']:.3f} | {r['dense_ms']:.3f} | "
-                     f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
+                     f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {'-' if others is None else f'{others:.2f}'}{flag} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +331,6 @@ def main(argv: list[str] | None = None) -> None:
         stem = "kernels_gpu_" + "".join(c if c.isalnum() else "-" for c in env["gpu"]).strip("-").lower()
     else:
         rows, table = cpu_run(args.quick), cpu_table
-        env["load_average_after"] = os.getloadavg()[0]
         stem = "kernels_cpu"
     stem += "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)

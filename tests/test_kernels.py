@@ -1,7 +1,8 @@
 """Block-sparse kernels: BSR format, Triton kernels under TRITON_INTERPRET=1, SparseLinear/sparsify, export.
 
-The correctness matrix of the kernels notes (section 9.1) is sampled: every shape for fp32 32x32 blocks,
-every block shape, density and dtype at fewer sizes, plus the structure cases. The reference is fp64.
+The correctness matrix of the kernels notes (section 9.1): fp32 over every M x shape x block, every density
+with two blocks, fp16/bf16 over every M x shape with two blocks, then the structure cases, split-K and
+persistent schedules, bounds canaries and properties. The reference is fp64 ``F.linear``.
 GPU tests (compiled kernels) are marked ``gpu`` and need CUDA with TRITON_INTERPRET=0.
 """
 
