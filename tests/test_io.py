@@ -221,3 +221,14 @@ def test_pt2_input_is_accepted(cli, model_files, tmp_path):
     assert sha256(first) == digest
     loaded = load_model(second)
     assert loaded.format == "pt2"
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    target = tmp_path / "model.pt"
+    old = os.umask(0o022)
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"weights")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"weights" and (target.stat().st_mode & 0o777) == 0o644
