@@ -204,6 +204,7 @@ def session(path: Path, threads: int | None = None, providers: list[str] | None 
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle ORT threads must not steal the CPU
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
