@@ -273,5 +273,9 @@ def inspect(model_path, example, arch, trust_pickle, input_shape, input_dtype, a
 from .train_cli import register as _register_training  # noqa: E402
 _register_training(main, _model_options)  # adds the train and recipe commands
 
+from .export_cli import register as _register_export  # noqa: E402
+
+_register_export(main, _model_options, _load, _fail, PICKLE_NOTE)  # adds the export and bench commands
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,301 @@
+"""Write a deployment bundle: ONNX (fp32, optional fp16/INT8), baseline, TensorRT script/engines, manifest.
+
+Everything is written into a temporary folder beside the output and renamed into place at the end, so a
+failed export leaves nothing behind and an existing bundle is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, ui
+from ..errors import SrcompressError
+from . import manifest as manifest_mod
+from .onnx import export_onnx, is_text_input, parity_cases
+from .quantize import convert_fp16, fidelity, heldout_set, quantize_int8
+from .tensorrt import build_engine, build_script, profile_from_io, tensorrt_available, trtexec_command
+
+FORMATS = ("onnx", "tensorrt", "all")
+
+
+@dataclass
+class ExportOptions:
+    fmt: str = "onnx"
+    int8: bool = False
+    fp16: bool = False
+    int8_activations: str = "s8"
+    int8_method: str = "minmax"
+    opset: int | None = None
+    simplify: bool = True
+    opt_batch: int = 8
+    max_batch: int = 32
+    max_seq: int = 128
+    workspace_mib: int = 1024
+    external_threshold: int | None = None
+    force: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def check_request(output: Path, options: ExportOptions, calibration_source: str | None) -> Path:
+    """Reject bad requests before any work: unknown format, INT8 without data, an existing output."""
+    if options.fmt not in FORMATS:
+        raise SrcompressError(f"unknown export format {options.fmt!r}", f"use --format {'|'.join(FORMATS)}")
+    if options.int8 and not calibration_source:
+        raise SrcompressError("--int8 needs calibration data", "pass --calib DATA (a file, an image folder, or mnist5k/photos/sentences)")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise SrcompressError(f"output {output} exists and is not a folder", "choose another -o")
+    if output.exists() and not options.force:
+        raise SrcompressError(f"output folder {output} already exists", "pass --force to replace it or choose another -o")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise SrcompressError(f"parent folder {parent} does not exist", "create it or choose another -o")
+    return output
+
+
+def _git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                "tensorrt": tensorrt_available()}
+    try:
+        import onnxslim
+
+        versions["onnxslim"] = onnxslim.__version__
+    except ImportError:
+        versions["onnxslim"] = None
+    return versions
+
+
+def _preprocessing(source: str | None, image_size: int, tokenizer: str | None) -> dict | None:
+    from .. import assets
+
+    if source == "mnist5k":
+        return {"layout": "NCHW", "size": [28, 28], "scale": "pixels / 255", "mean": [assets.MNIST_MEAN], "std": [assets.MNIST_STD]}
+    if source == "photos" or (source and Path(source).is_dir()):
+        return {"layout": "NCHW", "resize": [image_size, image_size], "scale": "pixels / 255", "color": "RGB",
+                "mean": list(assets.IMAGENET_MEAN), "std": list(assets.IMAGENET_STD)}
+    if source == "sentences" or (source and source.endswith(".txt")):
+        return {"tokenizer": tokenizer or "the model's own (config._name_or_path)", "padding": "none within a batch",
+                "max_length": 256}
+    return None
+
+
+def _calibration_hash(batches: list[tuple]) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        for t in batch:
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _layers(module, inputs: tuple, precisions: list[str]) -> tuple[list[dict], bool]:
+    from ..compress.layers import trace_layers
+    from ..compress.patterns import detect_pattern
+
+    layers, _ = trace_layers(module, tuple(t[:1] for t in inputs))
+    rows, has_24 = [], False
+    for layer in layers:
+        weight = layer.param.detach()
+        pattern = detect_pattern(layer, weight)
+        has_24 = has_24 or pattern == "2:4"
+        rows.append({"name": layer.name, "op": layer.op, "shape": list(layer.shape), "pattern": pattern,
+                     "density": int(torch.count_nonzero(weight)) / max(weight.numel(), 1),
+                     "precision": {p: p for p in precisions}})
+    return rows, has_24
+
+
+def _save_program(program, path: Path) -> bool:
+    if program is None:
+        return False
+    try:
+        torch.export.save(program, str(path))
+        return True
+    except Exception:  # noqa: BLE001 - the eager artifact is optional
+        return False
+
+
+def _make_readable(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        mode = (0o777 if os.access(file, os.X_OK) and file.suffix == ".sh" else 0o666) & ~umask
+        file.chmod(mode)
+    folder.chmod(0o777 & ~umask)
+
+
+def export_bundle(module, inputs: tuple, output: Path, options: ExportOptions, *, model_name: str, model_sha256: str | None,
+                  calibration=None, calibration_source: str | None = None, image_size: int = 224, tokenizer: str | None = None,
+                  baseline=None) -> dict:
+    """Export ``module`` (and the optional ``baseline`` LoadedModel) into ``output``; returns the manifest."""
+    output = check_request(output, options, calibration_source)
+    notes = list(options.notes)
+    if calibration is not None:
+        inputs = tuple(t[:2] for t in calibration.batches[0])
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.resolve().parent))
+    try:
+        manifest = _export_into(scratch, module, inputs, options, notes, model_name, model_sha256, calibration,
+                                calibration_source, image_size, tokenizer, baseline)
+        _make_readable(scratch)
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.resolve().parent))
+            os.replace(output, trash / "bundle")
+            os.replace(scratch, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(scratch, output)
+        return manifest
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export_into(folder: Path, module, inputs, options, notes, model_name, model_sha256, calibration, calibration_source,
+                 image_size, tokenizer, baseline) -> dict:
+    extra = {"external_threshold": options.external_threshold} if options.external_threshold else {}
+    parity_batches = calibration.batches[:8] if calibration is not None else None
+    with ui.phase("exporting model.onnx and checking parity in ONNX Runtime"):
+        report = export_onnx(module, inputs, folder / "model.onnx", parity_batches=parity_batches, opset=options.opset,
+                             simplify=options.simplify, keep_program=True, **extra)
+    program = report.pop("program", None)
+    notes += report.pop("notes")
+    files = list(report["files"])
+    artifacts = [{"name": "onnx-fp32", "file": "model.onnx", "runtime": "onnxruntime", "precision": "fp32", "role": "compressed"}]
+    if _save_program(program, folder / "model.pt2"):
+        files.append("model.pt2")
+        artifacts.append({"name": "torch-eager", "file": "model.pt2", "runtime": "torch", "precision": "fp32", "role": "compressed"})
+    cases = parity_cases(parity_batches or _single(inputs))
+    sample = cases[1] if len(cases) > 1 else cases[0]
+    names = [spec["name"] for spec in report["io"]["inputs"]]
+    np.savez(folder / "sample_inputs.npz", **{n: t.numpy() for n, t in zip(names, sample)})
+    files.append("sample_inputs.npz")
+
+    baseline_info = None
+    if baseline is not None:
+        with ui.phase("exporting the baseline (dense) model"):
+            base = export_onnx(baseline.module, inputs, folder / "baseline.onnx", parity_batches=parity_batches, opset=options.opset,
+                               simplify=options.simplify, keep_program=True, **extra)
+        files += base["files"]
+        artifacts.append({"name": "baseline-onnx-fp32", "file": "baseline.onnx", "runtime": "onnxruntime", "precision": "fp32",
+                          "role": "baseline"})
+        if _save_program(base.pop("program", None), folder / "baseline.pt2"):
+            files.append("baseline.pt2")
+            artifacts.append({"name": "baseline-torch-eager", "file": "baseline.pt2", "runtime": "torch", "precision": "fp32",
+                              "role": "baseline"})
+        baseline_info = {"sha256": baseline.sha256, "params": sum(p.numel() for p in baseline.module.parameters()),
+                         "parity_ok": base["parity"]["ok"]}
+    else:
+        notes.append("no --baseline given: bench cannot compare with the dense model")
+
+    heldout = None
+    if options.int8 or options.fp16:
+        heldout = heldout_set(calibration_source, module)
+        if heldout is None:
+            source_batches = calibration.batches if calibration is not None else cases
+            heldout = (source_batches, None, "calibration/parity inputs (no held-out set is known for this source)")
+    if options.int8:
+        with ui.phase(f"INT8 QDQ quantization on {len(calibration)} calibration samples"):
+            scheme = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calibration.batches,
+                                   activations=options.int8_activations, method=options.int8_method)
+        with ui.phase("measuring INT8 fidelity"):
+            fid = fidelity(folder / "model.onnx", folder / "model.int8.onnx", heldout[0], heldout[1], heldout[2])
+        files += scheme["files"]
+        artifacts.append({"name": "onnx-int8", "file": "model.int8.onnx", "runtime": "onnxruntime", "precision": "int8",
+                          "role": "compressed", "quantization": scheme, "fidelity": fid})
+    if options.fp16:
+        with ui.phase("fp16 conversion"):
+            scheme = convert_fp16(folder / "model.onnx", folder / "model.fp16.onnx")
+            fid = fidelity(folder / "model.onnx", folder / "model.fp16.onnx", heldout[0], heldout[1], heldout[2])
+        files += scheme["files"]
+        artifacts.append({"name": "onnx-fp16", "file": "model.fp16.onnx", "runtime": "onnxruntime", "precision": "fp16",
+                          "role": "compressed", "quantization": scheme, "fidelity": fid})
+
+    precisions = ["fp32"] + (["fp16"] if options.fp16 else []) + (["int8"] if options.int8 else [])
+    layers, has_24 = _layers(module, inputs, precisions)
+    text = any(is_text_input(t) for t in inputs)
+    opt_seq = int(inputs[0].shape[1]) if text else None
+    profile = profile_from_io(report["io"]["inputs"], options.opt_batch, options.max_batch, opt_seq, options.max_seq)
+    script = folder / "build_engine.sh"
+    script.write_text(build_script(precisions, profile, sparse=has_24, workspace_mib=options.workspace_mib))
+    script.chmod(0o755)
+    files.append("build_engine.sh")
+    trt = {"installed": tensorrt_available(), "sparse_weights": has_24, "workspace_mib": options.workspace_mib,
+           "profile": {name: {"min": list(lo), "opt": list(mid), "max": list(hi)} for name, (lo, mid, hi) in profile.shapes.items()},
+           "commands": {f"trt{major}": {p: trtexec_command(p, profile, trt_major=major, sparse=has_24,
+                                                            workspace_mib=options.workspace_mib) for p in precisions}
+                        for major in (10, 11)},
+           "engines": []}
+    if options.fmt in ("tensorrt", "all"):
+        if trt["installed"] is None:
+            notes.append("TensorRT is not installed here: wrote the ONNX files and build_engine.sh; run it on the target "
+                         "device (pip install 'srcompress[tensorrt]' to build here)")
+        else:
+            for precision in precisions:
+                with ui.phase(f"building the TensorRT {precision} engine"):
+                    record = build_engine(folder / ("model.onnx" if precision == "fp32" else f"model.{precision}.onnx"),
+                                          folder / f"model.{precision}.plan", precision, profile, sparse=has_24,
+                                          workspace_mib=options.workspace_mib, timing_cache=folder / "timing.cache")
+                trt["engines"].append(record)
+                files.append(record["engine"])
+                artifacts.append({"name": f"tensorrt-{precision}", "file": record["engine"], "runtime": "tensorrt",
+                                  "precision": precision, "role": "compressed"})
+            files.append("timing.cache")
+
+    preprocessing = _preprocessing(calibration_source, image_size, tokenizer)
+    io = report["io"]
+    for spec in io["inputs"]:
+        spec["preprocessing"] = preprocessing
+        spec["semantics"] = ("token ids" if spec["name"] == "input_ids" else "attention mask (1 = token)"
+                             if spec["name"] == "attention_mask" else None)
+    for spec in io["outputs"]:
+        spec["semantics"] = None
+    manifest = {
+        "schema_version": 1,
+        "model": {"name": model_name, "sha256": model_sha256, "srcompress": __version__, "git_sha": _git_sha(),
+                  "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "baseline_sha256": baseline_info["sha256"] if baseline_info else None},
+        "versions": _versions(),
+        "io": io,
+        "onnx": {k: v for k, v in report.items() if k not in ("io", "parity", "files")},
+        "compression": {"layers": layers, "params": sum(p.numel() for p in module.parameters()),
+                        "baseline_params": baseline_info["params"] if baseline_info else None, "has_2_4": has_24},
+        "calibration": ({"source": calibration_source, "description": calibration.description, "samples": len(calibration),
+                         "seed": int(calibration.provenance.get("seed", 0)), "sha256": _calibration_hash(calibration.batches)}
+                        if calibration is not None else None),
+        "artifacts": artifacts,
+        "parity": report["parity"],
+        "tensorrt": trt,
+        "files": manifest_mod.file_table(folder, files),
+        "latency": None,
+        "notes": notes,
+    }
+    manifest_mod.write(folder, manifest)
+    return manifest
+
+
+def _single(inputs: tuple) -> list[tuple]:
+    from .onnx import example_batches
+
+    return example_batches(inputs)
