@@ -3,7 +3,7 @@
 Models: the MNIST CNN (batch 64), MobileNetV2 (batch 8, 224 px) and MiniLM (8 sentences). Forms:
 structured (channels/neurons physically removed), block-sparse (90 % of the FFN weights in 32x32 blocks,
 run by ``srcompress.kernels.sparsify``; MiniLM only, the layers where block sparsity applies) and INT8
-QDQ ONNX (when the export stage is installed). Runtimes: PyTorch eager and ONNX Runtime CPU. Every figure
+QDQ ONNX (ONNX Runtime). Runtimes: PyTorch eager and ONNX Runtime CPU. Every figure
 is a ratio of medians of interleaved calls, so machine noise hits dense and compressed alike.
 
     python -m benchmarks.latency [--quick]
@@ -16,6 +16,7 @@ import copy
 import os
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,20 +60,16 @@ def _compare(case: str, forms: dict, repeats: int, quality: dict, extra: dict | 
 
 
 def _int8(model, inputs, calibration, folder):
-    """INT8 QDQ ONNX session, or None when the export stage is not installed."""
-    try:
-        from srcompress.export.quantize import quantize_int8  # noqa: F401 (optional stage)
-    except ImportError:
-        return None
+    """ONNX Runtime session of the model's INT8 QDQ export (static, calibrated on ``calibration``)."""
+    from srcompress.export.onnx import export_onnx
+    from srcompress.export.quantize import quantize_int8
     import onnxruntime as ort
 
-    from srcompress.export.onnx import export_onnx
-
-    fp32 = os.path.join(folder, f"m{id(model)}.onnx")
+    fp32 = Path(folder) / f"m{id(model)}.onnx"
     export_onnx(model, inputs, fp32)
-    int8 = os.path.join(folder, f"m{id(model)}.int8.onnx")
-    quantize_int8(fp32, int8, calibration)
-    return ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    int8 = Path(folder) / f"m{id(model)}.int8.onnx"
+    quantize_int8(fp32, int8, calibration.batches)
+    return ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
 
 
 def mnist_cnn(quick: bool, folder: str) -> list[dict]:
@@ -93,10 +90,9 @@ def mnist_cnn(quick: bool, folder: str) -> list[dict]:
     forms = {name: {"torch": _torch_call(m, batch), "ort": _ort_call(onnx_session(m, (images[:2],), folder), batch)}
              for name, m in (("dense", dense), ("structured", structured))}
     session = _int8(dense, (images[:2],), calibration, folder)
-    if session is not None:
-        forms["int8"] = {"ort": _ort_call(session, batch)}
-        logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
-        quality["int8"] = {"accuracy": float((torch.from_numpy(logits).argmax(1) == labels).float().mean())}
+    forms["int8"] = {"ort": _ort_call(session, batch)}
+    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    quality["int8"] = {"accuracy": float((torch.from_numpy(logits).argmax(1) == labels).float().mean())}
     for form in quality:
         quality[form]["accuracy_dense"] = quality["dense"]["accuracy"]
     return _compare("mnist_cnn", forms, 20 if quick else 60, quality, {"structured": {"pruning": "submodular, 50 % of channels"}})
@@ -114,10 +110,9 @@ def mobilenet_v2(quick: bool, folder: str) -> list[dict]:
     forms = {name: {"torch": _torch_call(m, batch), "ort": _ort_call(onnx_session(m, (crops[:2],), folder), batch)}
              for name, m in (("dense", dense), ("structured", structured))}
     session = _int8(dense, (crops[:2],), load_calibration("photos", 32 if quick else 128, seed=0), folder)
-    if session is not None:
-        forms["int8"] = {"ort": _ort_call(session, batch)}
-        logits = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
-        quality["int8"] = {"agreement": float((torch.from_numpy(logits).argmax(1) == reference).float().mean())}
+    forms["int8"] = {"ort": _ort_call(session, batch)}
+    logits = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
+    quality["int8"] = {"agreement": float((torch.from_numpy(logits).argmax(1) == reference).float().mean())}
     return _compare("mobilenet_v2", forms, 10 if quick else 30, quality, {"structured": {"pruning": "L1, 50 % of channels"}})
 
 

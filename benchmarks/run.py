@@ -150,6 +150,8 @@ def check(rows: list[dict], baseline: dict, suites: list[str], only: str | None 
 def environment(device: str) -> dict:
     import numpy
 
+    from .kernels import _cpu_name
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
@@ -159,16 +161,6 @@ def environment(device: str) -> dict:
         except ImportError:
             info[name] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summary(rows: list[dict], env: dict, command: str, failures: list[str] | None, seconds: float) -> str:
@@ -271,6 +263,19 @@ def _layer_sparsity_plot(out: Path, plt) -> list[str]:
     return ["layer_sparsity.png"]
 
 
+def update_readme(text: str, out: Path, images: list[str]) -> None:
+    """Replace the README's text between the results markers with this run's summary and plots."""
+    readme = HERE.parent / "README.md"
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    content = readme.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"README.md has no {start} ... {end} section to replace")
+    folder = out.relative_to(HERE.parent).as_posix()
+    body = text.replace("\n## ", "\n### ") + "\n" + "\n".join(f"![{name}]({folder}/{name})" for name in images)
+    head, rest = content.split(start, 1)
+    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
+
+
 # ------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="baseline file (default: benchmarks/baselines/<device>.json)")
     parser.add_argument("--update-baseline", action="store_true", help="store this run's gated figures as the baseline")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--readme", action="store_true",
+                        help="write into benchmarks/results/latest-<device>/ and replace README.md's Results section with this run")
     args = parser.parse_args(argv)
     quick = not args.full
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no baseline at {baseline_path}; create one with --update-baseline on a quiet machine", file=sys.stderr)
             return 2
         baseline = json.loads(baseline_path.read_text())
-    out = args.out or HERE / "results" / f"run-{'quick' if quick else 'full'}-{args.device}"
+    out = args.out or HERE / "results" / (f"latest-{args.device}" if args.readme else f"run-{'quick' if quick else 'full'}-{args.device}")
     out.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -319,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             handle.write(json.dumps({**row, "environment": env, "command": command}) + "\n")
     text = summary(rows, env, command, failures, seconds)
     (out / "summary.md").write_text(text)
-    if not args.no_plots:
-        plots(rows, out)
+    plots_written = [] if args.no_plots else plots(rows, out)
+    if args.readme:
+        update_readme(text, out, plots_written)
     if args.update_baseline:
         BASELINES.mkdir(parents=True, exist_ok=True)
         payload = {"device": args.device, "environment": env, "command": command, "gates": gated_figures(rows, suites)}
