@@ -3,8 +3,6 @@ finalize, hook forms, checkpoints, and identical masks on two gloo ranks."""
 
 import hashlib
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -274,10 +272,10 @@ def test_layers_found_without_an_example_input():
 
 
 # ----- two processes, gloo ------------------------------------------------------------------------
-def _ddp_worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, rendezvous, results):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to pick, so no race with other processes for a free one
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
         model = TinyNet()
@@ -302,18 +300,12 @@ def _ddp_worker(rank, world, port, results):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_ranks_hold_identical_masks():
+def test_two_gloo_ranks_hold_identical_masks(tmp_path):
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2, join=True, start_method="spawn")
     got = dict((r[0], r[1:]) for r in (results.get(), results.get()))
     assert got[0][0] == got[1][0]  # every step's masks, bit for bit
     assert got[0][1] == got[1][1] == pytest.approx(0.9, abs=1e-3)
