@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -45,15 +44,21 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def onnx_session(model: torch.nn.Module, inputs: tuple, folder: str | None = None):
-    """Export with the dynamo exporter (dynamic batch) and open an ONNX Runtime CPU session."""
-    import onnxruntime as ort
+def onnx_file(model: torch.nn.Module, inputs: tuple, folder: str | None = None) -> Path:
+    """Export with srcompress's own exporter (dynamic batch, checker, parity against PyTorch); returns the path."""
+    from srcompress.export.onnx import export_onnx
 
     folder = folder or tempfile.mkdtemp(prefix="srcompress-bench-")
-    path = os.path.join(folder, f"m{id(model)}.onnx")
-    dims = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in inputs)
-    torch.onnx.export(model.eval(), inputs, path, dynamo=True, external_data=False, dynamic_shapes=dims)
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    path = Path(folder) / f"m{id(model)}.onnx"
+    export_onnx(model.eval(), inputs, path)
+    return path
+
+
+def onnx_session(model: torch.nn.Module, inputs: tuple, folder: str | None = None):
+    """An ONNX Runtime CPU session of the exported model."""
+    from srcompress.export.onnx import session
+
+    return session(onnx_file(model, inputs, folder))
 
 
 def write_results(name: str, payload: dict, markdown: str) -> Path:
@@ -62,3 +67,18 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return RESULTS / f"{name}.json"
+
+
+def run_benchmark_cli(name: str, doc: str, run: Callable[[bool], list[dict]], markdown: Callable[[list[dict]], str],
+                      quick_help: str) -> None:
+    """``python -m benchmarks.<name> [--quick]``: run, print the Markdown, write ``results/<name>[_quick].json/.md``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = run(args.quick)
+    text = markdown(rows)
+    print(text)
+    write_results(name + ("_quick" if args.quick else ""), {"rows": rows, "quick": args.quick}, text)

@@ -11,7 +11,6 @@ is a ratio of medians of interleaved calls, so machine noise hits dense and comp
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import tempfile
@@ -26,9 +25,11 @@ from srcompress.calib.data import load_calibration
 from srcompress.compress.masks import MaskSpec
 from srcompress.compress.patterns import Pattern
 from srcompress.compress.structured import StructuredSpec
+from srcompress.export.onnx import session
+from srcompress.export.quantize import quantize_int8
 from srcompress.pipeline import prune_model, prune_structured
 
-from .common import interleaved_medians, onnx_session
+from .common import interleaved_medians, onnx_file, run_benchmark_cli
 
 
 def _torch_call(model, inputs):
@@ -59,17 +60,23 @@ def _compare(case: str, forms: dict, repeats: int, quality: dict, extra: dict | 
     return rows
 
 
-def _int8(model, inputs, calibration, folder):
-    """ONNX Runtime session of the model's INT8 QDQ export (static, calibrated on ``calibration``)."""
-    from srcompress.export.onnx import export_onnx
-    from srcompress.export.quantize import quantize_int8
-    import onnxruntime as ort
+def _onnx_forms(models: dict, example: tuple, batch: tuple, folder: str) -> tuple[dict, dict]:
+    """PyTorch and ONNX Runtime callables per model, and each model's fp32 ONNX file."""
+    files = {name: onnx_file(model, example, folder) for name, model in models.items()}
+    forms = {name: {"torch": _torch_call(model, batch), "ort": _ort_call(session(files[name]), batch)}
+             for name, model in models.items()}
+    return forms, files
 
-    fp32 = Path(folder) / f"m{id(model)}.onnx"
-    export_onnx(model, inputs, fp32)
-    int8 = Path(folder) / f"m{id(model)}.int8.onnx"
+
+def _int8_session(fp32: Path, calibration):
+    """ONNX Runtime session of the INT8 QDQ model (static, calibrated on ``calibration``) next to ``fp32``."""
+    int8 = fp32.with_suffix(".int8.onnx")
     quantize_int8(fp32, int8, calibration.batches)
-    return ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    return session(int8)
+
+
+def _top1(sess, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]).argmax(1)
 
 
 def mnist_cnn(quick: bool, folder: str) -> list[dict]:
@@ -81,20 +88,14 @@ def mnist_cnn(quick: bool, folder: str) -> list[dict]:
         warnings.simplefilter("ignore")
         prune_structured(structured, (images[:1],), StructuredSpec(0.5), "submodular", calibration=calibration)
     batch = (images[:64],)
-
-    def accuracy(fn):
-        return float((fn(images).argmax(1) == labels).float().mean())
-
+    forms, files = _onnx_forms({"dense": dense, "structured": structured}, (images[:2],), batch, folder)
+    int8 = _int8_session(files["dense"], calibration)
+    forms["int8"] = {"ort": _ort_call(int8, batch)}
     with torch.no_grad():
-        quality = {"dense": {"accuracy": accuracy(dense)}, "structured": {"accuracy": accuracy(structured)}}
-    forms = {name: {"torch": _torch_call(m, batch), "ort": _ort_call(onnx_session(m, (images[:2],), folder), batch)}
-             for name, m in (("dense", dense), ("structured", structured))}
-    session = _int8(dense, (images[:2],), calibration, folder)
-    forms["int8"] = {"ort": _ort_call(session, batch)}
-    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
-    quality["int8"] = {"accuracy": float((torch.from_numpy(logits).argmax(1) == labels).float().mean())}
-    for form in quality:
-        quality[form]["accuracy_dense"] = quality["dense"]["accuracy"]
+        predictions = {"dense": dense(images).argmax(1), "structured": structured(images).argmax(1), "int8": _top1(int8, images)}
+    dense_accuracy = float((predictions["dense"] == labels).float().mean())
+    quality = {form: {"accuracy": float((p == labels).float().mean()), "accuracy_dense": dense_accuracy}
+               for form, p in predictions.items()}
     return _compare("mnist_cnn", forms, 20 if quick else 60, quality, {"structured": {"pruning": "submodular, 50 % of channels"}})
 
 
@@ -104,15 +105,13 @@ def mobilenet_v2(quick: bool, folder: str) -> list[dict]:
     structured = copy.deepcopy(dense)
     prune_structured(structured, (crops[:1],), StructuredSpec(0.5), "l1")
     batch = (crops[:8],)
+    forms, files = _onnx_forms({"dense": dense, "structured": structured}, (crops[:2],), batch, folder)
+    int8 = _int8_session(files["dense"], load_calibration("photos", 32 if quick else 128, seed=0))
+    forms["int8"] = {"ort": _ort_call(int8, batch)}
     with torch.no_grad():
         reference = dense(crops).argmax(1)
-        quality = {"structured": {"agreement": float((structured(crops).argmax(1) == reference).float().mean())}}
-    forms = {name: {"torch": _torch_call(m, batch), "ort": _ort_call(onnx_session(m, (crops[:2],), folder), batch)}
-             for name, m in (("dense", dense), ("structured", structured))}
-    session = _int8(dense, (crops[:2],), load_calibration("photos", 32 if quick else 128, seed=0), folder)
-    forms["int8"] = {"ort": _ort_call(session, batch)}
-    logits = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
-    quality["int8"] = {"agreement": float((torch.from_numpy(logits).argmax(1) == reference).float().mean())}
+        predictions = {"structured": structured(crops).argmax(1), "int8": _top1(int8, crops)}
+    quality = {form: {"agreement": float((p == reference).float().mean())} for form, p in predictions.items()}
     return _compare("mobilenet_v2", forms, 10 if quick else 30, quality, {"structured": {"pruning": "L1, 50 % of channels"}})
 
 
@@ -175,15 +174,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from .common import write_results
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and images; L1 instead of submodular for MiniLM")
-    args = parser.parse_args()
-    rows = run(args.quick)
-    text = markdown(rows)
-    print(text)
-    write_results("latency" + ("_quick" if args.quick else ""), {"rows": rows, "quick": args.quick}, text)
+    run_benchmark_cli("latency", __doc__, run, markdown, "fewer repeats and images; L1 instead of submodular for MiniLM")
 
 
 if __name__ == "__main__":

@@ -215,10 +215,7 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_title("MNIST CNN, structured pruning without fine-tuning")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_sparsity.png", dpi=120)
-        plt.close(fig)
-        written.append("accuracy_vs_sparsity.png")
+        written.append(_save(fig, out, "accuracy_vs_sparsity.png"))
     kern = [r for r in rows if r["suite"] == "kernels" and r.get("speedup")]
     if kern:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -233,15 +230,21 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         ax.set_title("Block-sparse Linear vs dense")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "kernel_speedup.png", dpi=120)
-        plt.close(fig)
-        written.append("kernel_speedup.png")
-    written += _layer_sparsity_plot(out, plt)
+        written.append(_save(fig, out, "kernel_speedup.png"))
+    written.append(_layer_sparsity_plot(out, plt))
     return written
 
 
-def _layer_sparsity_plot(out: Path, plt) -> list[str]:
+def _save(fig, out: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def _layer_sparsity_plot(out: Path, plt) -> str:
     from srcompress import assets
     from srcompress.compress.masks import MaskSpec
     from srcompress.pipeline import prune_model
@@ -257,10 +260,7 @@ def _layer_sparsity_plot(out: Path, plt) -> list[str]:
     ax.set_ylim(0, 1)
     ax.set_title("MNIST CNN, 90 % global magnitude: sparsity per layer")
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "layer_sparsity.png", dpi=120)
-    plt.close(fig)
-    return ["layer_sparsity.png"]
+    return _save(fig, out, "layer_sparsity.png")
 
 
 def update_readme(text: str, out: Path, images: list[str]) -> None:

@@ -13,7 +13,6 @@ import argparse
 import copy
 import os
 
-import numpy as np
 import torch
 
 from srcompress import assets

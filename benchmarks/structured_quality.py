@@ -13,7 +13,6 @@ crops after removing 25 % of the block-internal channels, calibrated on other ph
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import time
@@ -126,16 +125,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from .common import write_results
+    from .common import run_benchmark_cli
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="75 % only, 5 digits per class, fewer sentences, no MobileNetV2")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    rows = run(args.quick)
-    text = markdown(rows)
-    print(text)
-    write_results("structured_quality" + ("_quick" if args.quick else ""), {"rows": rows, "quick": args.quick}, text)
+    run_benchmark_cli("structured_quality", __doc__, run, markdown, "75 % only, 5 digits per class, fewer sentences, no MobileNetV2")
 
 
 if __name__ == "__main__":

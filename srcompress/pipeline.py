@@ -117,6 +117,7 @@ class StructuredContext:
     seed: int = 0
     calibration: Any = None  # calibration data for data-driven methods
     original: nn.Module | None = None  # a frozen copy of the model before pruning (targets for data-driven methods)
+    planned: list = field(default_factory=list)  # the channel groups this run prunes, in order
     cache: dict = field(default_factory=dict)  # anything a method computes once per run
 
 
@@ -151,12 +152,11 @@ def prune_structured(
     context = StructuredContext(model, example_inputs, spec, spec.seed, calibration, original)
     scores = {g.index: np.asarray(chosen.unit_score(graph, g, context)) for g in groups} if chosen.unit_score else None
     counts = allocate(graph, groups, spec, flops, scores)
+    context.planned = [g for g in groups if counts.get(g.index, 0)]
     params_before, flops_before = model_costs(graph, flops, set())
     decisions: dict[int, GroupDecision] = {}
-    for group in ui.track(groups, f"{method}: choosing units"):
-        count = counts.get(group.index, 0)
-        if count == 0:
-            continue
+    for group in ui.track(context.planned, f"{method}: choosing units"):
+        count = counts[group.index]
         decision = chosen.select(graph, group, count, context) if chosen.select else GroupDecision(lowest(scores[group.index], count))
         soft_remove(graph, group, decision.removed, decision.updates)
         decisions[group.index] = decision

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srcompress import assets
-from srcompress.compress.graph import Act, build_graph, count_params_after, register_module, MODULE_RULES
+from srcompress.compress.graph import build_graph, count_params_after, register_module, MODULE_RULES
 from srcompress.compress.structured import StructuredSpec, l1_scores, lowest, remove_units, soft_remove
 from srcompress.errors import SrcompressError
 from srcompress.io import flatten_outputs

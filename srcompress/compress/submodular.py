@@ -167,11 +167,11 @@ def _consumer_matrix(weight: torch.Tensor) -> np.ndarray:
 
 
 def _reference_inputs(graph: Graph, context) -> ReferenceInputs | None:
-    """The original model's inputs at every consumer, captured once per pruning run."""
+    """The original model's inputs at the consumers of every group this run prunes, captured once per run."""
     if getattr(context, "original", None) is None:
         return None
     if "reference_inputs" not in context.cache:
-        consumers = sorted({name for g in graph.groups for name, dim in g.consumers if dim == 1})
+        consumers = sorted({name for g in context.planned for name, dim in g.consumers if dim == 1})
         context.cache["reference_inputs"] = ReferenceInputs(context.original, consumers, context.calibration)
     return context.cache["reference_inputs"]
 

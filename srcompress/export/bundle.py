@@ -10,7 +10,6 @@ import datetime as _dt
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
