@@ -27,7 +27,8 @@ from .onnx import _quiet_exporter, run_session, save_onnx, session
 # Relative output error (squared error / squared output, first output, on calibration inputs) that "auto" aims for.
 TARGET_ERROR = 0.01
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# --int8-method names -> onnxruntime.quantization.CalibrationMethod members
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 PROBE_SAMPLES = 32
 
 
@@ -128,10 +129,9 @@ class _Quantizer:
         extra = {"ActivationSymmetric": activations == "s8", "WeightSymmetric": True}
         if activations == "s8":
             extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
-        options = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+        options = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,  # noqa: C408
                        activation_type=QuantType.QInt8 if activations == "s8" else QuantType.QUInt8,
-                       calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                         "percentile": CalibrationMethod.Percentile}[method],
+                       calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                        op_types_to_quantize=list(self.op_types), use_external_data_format=True, extra_options=extra)
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
             options["calibration_cache_path"] = str(scratch / "ranges.json")
