@@ -10,7 +10,7 @@ from torch import nn
 
 from srcompress import assets
 from srcompress.calib.capture import capture, input_rows
-from srcompress.calib.data import load_calibration
+from srcompress.calib.data import CalibrationSet, load_calibration
 from srcompress.compress.structured import StructuredSpec
 from srcompress.compress.submodular import _Residual, greedy_keep, refit
 from srcompress.errors import SrcompressError
@@ -176,3 +176,75 @@ def test_cli_submodular_needs_calibration(cli, tmp_path, model_files):
     assert result.exit_code == 0, result.stderr
     assert result.json["request"]["calibration"]["samples"] == 100
     assert all(0 < row["info"]["objective"] <= 1 + 1e-9 for row in result.json["groups"])
+
+
+class _ReusesAnEarlyOutput(nn.Module):
+    """The stem's output is used again after later Sequential blocks: skipping the stem would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        early = self.stem(x)
+        return self.head(torch.cat([early, self.body(self.mid(early))], 1))
+
+
+def _prune_with_and_without_prefix_cache(monkeypatch, build, example, calibration, spec):
+    """Prune the same model with the capture resuming from cached checkpoints and with every pass in full."""
+    from srcompress.calib import capture as capture_module
+
+    resumed, caches, models = [], [], {}
+    real_enter, real_init = capture_module._Resumed.__enter__, capture_module.PrefixCache.__init__
+
+    def counting_enter(self):
+        resumed.append(1)
+        return real_enter(self)
+
+    def remembering_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(capture_module._Resumed, "__enter__", counting_enter)
+    monkeypatch.setattr(capture_module.PrefixCache, "__init__", remembering_init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models["cached"] = build()
+        prune_structured(models["cached"], example, spec, "submodular", calibration=calibration)
+        with monkeypatch.context() as m:
+            m.setattr(capture_module.PrefixCache, "plan", lambda self, *a: (None, None))
+            models["full"] = build()
+            prune_structured(models["full"], example, spec, "submodular", calibration=calibration)
+    return models, len(resumed), caches[0]
+
+
+def test_prefix_cache_resumes_mobilenet_captures_with_identical_results(monkeypatch):
+    crops = assets.image_crops("calib", 16)
+    calibration = CalibrationSet([(c,) for c in crops.split(4)], "16 calibration crops")
+    spec = StructuredSpec(0.25, exclude=("features.[5-9].*", "features.1[0-9].*", "features.0.0", "features.1.*", "*.conv.2"))
+    models, resumed, cache = _prune_with_and_without_prefix_cache(
+        monkeypatch, lambda: assets.pretrained_mobilenet_v2().eval(), (crops[:1],), calibration, spec)
+    assert resumed == 2 * 4 and cache.enabled  # blocks 3 and 4 resumed from the outputs of blocks 1 and 2, every batch
+    full, cached = dict(models["full"].state_dict()), dict(models["cached"].state_dict())
+    assert full.keys() == cached.keys() and all(full[k].shape == cached[k].shape for k in full)
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_cache_turns_itself_off_when_the_model_reuses_a_skipped_output(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    calibration = CalibrationSet([(c,) for c in x.split(8)], "random")
+    state = _ReusesAnEarlyOutput().state_dict()
+
+    def build():
+        model = _ReusesAnEarlyOutput()
+        model.load_state_dict(state)
+        return model.eval()
+
+    models, resumed, cache = _prune_with_and_without_prefix_cache(monkeypatch, build, (x[:1],), calibration, StructuredSpec(0.5))
+    assert resumed >= 1 and not cache.enabled
+    torch.testing.assert_close(models["cached"](x), models["full"](x))

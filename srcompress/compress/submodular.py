@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..calib.capture import ReferenceInputs, capture, consumer_module
+from ..calib.capture import PrefixCache, ReferenceInputs, capture, consumer_module
 from .graph import ChannelGroup, Graph
 from .registry import Method
 from .structured import GroupDecision, _tensor_table, l1_scores, lowest
@@ -189,7 +189,9 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
     reference = getattr(context, "original", None)
     early_exit = all(graph.use_count.get(n, 1) == 1 for n in names)
     stats = capture(model, names, context.calibration, reference=reference, early_exit=early_exit,
-                    description=f"calibrating {group.name}", cached=_reference_inputs(graph, context))
+                    description=f"calibrating {group.name}", cached=_reference_inputs(graph, context),
+                    prefix=context.cache.setdefault("prefix", PrefixCache()),
+                    changes=tuple(sorted({slot.tensor.rpartition(".")[0] for unit in group.slots for slot in unit})))
     table = _tensor_table(model)
     ref_table = _tensor_table(reference) if reference is not None else table
     problems, biases, fold_grams, fold_targets = [], [], [], []
