@@ -27,8 +27,11 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
     @click.option("--int8-activations", default="s8", show_default=True, help="s8: symmetric int8 (TensorRT-compatible); u8: asymmetric uint8 (ONNX Runtime only).")
     @click.option("--int8-method", default="minmax", show_default=True, help="Calibration: minmax, entropy or percentile.")
     @click.option("--int8-fp32-layers", default="auto", show_default=True,
-                  help="Keep the layers most sensitive to INT8 in fp32: auto (fewest that reach 1 %% relative output error "
-                       "on calibration inputs, at most a third), or a count (0: every weighted layer INT8).")
+                  help="Keep the layers most sensitive to INT8 in fp32: auto (fewest that reach --int8-target-error "
+                       "on calibration inputs, at most half), or a count (0: every weighted layer INT8).")
+    @click.option("--int8-target-error", type=float, default=0.0025, show_default=True,  # quantize.TARGET_ERROR
+                  help="Relative output error (squared error / squared output) that --int8-fp32-layers auto aims for; lower "
+                       "keeps predictions closer to fp32 with more fp32 layers.")
     @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx.")
     @click.option("--calib", default=None, help="Calibration/parity data: .npz/.pt, an image folder, a .txt, or mnist5k, photos, sentences.")
     @click.option("--calib-samples", type=int, default=128, show_default=True, help="Number of calibration samples.")
@@ -44,7 +47,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
     @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling.")
     @click.option("--quiet", is_flag=True, help="No progress display.")
     @model_options
-    def export(model_path, fmt, output, baseline, int8, int8_activations, int8_method, int8_fp32_layers, fp16, calib, calib_samples, tokenizer,
+    def export(model_path, fmt, output, baseline, int8, int8_activations, int8_method, int8_fp32_layers, int8_target_error, fp16, calib, calib_samples, tokenizer,
                image_size, opset, no_simplify, opt_batch, max_batch, max_seq, workspace_mib, force, seed, quiet, example, arch,
                trust_pickle, input_shape, input_dtype, as_json):
         from .export.bundle import ExportOptions, check_request, export_bundle
@@ -52,7 +55,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
         ui.enable(not (quiet or as_json))
         try:
             options = ExportOptions(fmt=fmt, int8=int8, fp16=fp16, int8_activations=int8_activations, int8_method=int8_method,
-                                    int8_fp32_layers=_fp32_layers(int8_fp32_layers),
+                                    int8_fp32_layers=_fp32_layers(int8_fp32_layers), int8_target_error=int8_target_error,
                                     opset=opset, simplify=not no_simplify, opt_batch=opt_batch, max_batch=max_batch,
                                     max_seq=max_seq, workspace_mib=workspace_mib, force=force)
             if output is None:

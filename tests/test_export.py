@@ -175,7 +175,7 @@ def test_mobilenet_pruned_bundle_and_int8_agreement(mobilenet_bundle):
 
 def test_dense_mobilenet_int8_keeps_top1_agreement(model_files, tmp_path):
     """Bias correction + fp32 fallback of the most sensitive layers keep the dense MobileNetV2's INT8 predictions
-    (the acceptance figure, >= 95 %, is measured by benchmarks/export.py; here a margin below it)."""
+    at >= 95 % top-1 agreement with the default target (benchmarks/export.py measures it on 512 crops)."""
     from srcompress.calib.data import load_calibration
     from srcompress.export.quantize import quantize_int8
 
@@ -193,8 +193,8 @@ def test_dense_mobilenet_int8_keeps_top1_agreement(model_files, tmp_path):
         agreement[name] = float((predicted == reference).mean())
         agreement[name + "_layers"] = len(scheme["fp32_layers"])
     print(agreement)
-    assert 0 < agreement["auto_layers"] <= 53 // 3
-    assert agreement["auto"] >= 0.93 and agreement["auto"] > agreement["plain"], agreement
+    assert 0 < agreement["auto_layers"] <= 53 // 2
+    assert agreement["auto"] >= 0.95 and agreement["auto"] > agreement["plain"], agreement
     assert len(set(reference.tolist())) >= 8  # a model that predicts many classes, not a degenerate one
 
 
@@ -228,6 +228,8 @@ def test_export_bad_input_errors(cli, model_files, tmp_path):
         (["export", model_files["cnn"], "-o", tmp_path / "b", "--format", "coreml"], "unknown export format"),
         (["export", model_files["cnn"], "-o", tmp_path / "f", "--int8", "--calib", "mnist5k", "--int8-fp32-layers", "some"],
          "--int8-fp32-layers"),
+        (["export", model_files["cnn"], "-o", tmp_path / "g", "--int8", "--calib", "mnist5k", "--int8-target-error", "1.5"],
+         "--int8-target-error"),
         (["export", tmp_path / "missing.pt", "-o", tmp_path / "c"], "not found"),
         (["export", model_files["cnn"], "-o", tmp_path / "no" / "such" / "d"], "does not exist"),
     ]
@@ -385,6 +387,14 @@ def test_bias_correction_shift_equals_brute_force(tmp_path):
     assert np.abs(diff).max() > 0  # the biases moved (the added bias of the bias-free conv included)
 
 
+def test_cli_int8_target_error_default_is_the_library_default():
+    from srcompress.cli import main
+    from srcompress.export.quantize import TARGET_ERROR
+
+    option = next(p for p in main.commands["export"].params if p.name == "int8_target_error")
+    assert option.default == TARGET_ERROR
+
+
 def test_int8_fp32_fallback_keeps_the_most_sensitive_layers_fp32(tmp_path):
     from srcompress.export.quantize import quantize_int8
 
@@ -408,3 +418,10 @@ def test_int8_fp32_fallback_keeps_the_most_sensitive_layers_fp32(tmp_path):
     with pytest.raises(SrcompressError, match="--int8-fp32-layers"):
         quantize_int8(path, tmp_path / "bad.onnx", batches, fp32_layers=-1)
     assert not (tmp_path / "bad.onnx").exists()
+    # auto: a target the all-INT8 model already meets keeps nothing fp32; a stricter one keeps layers until it is met
+    loose = quantize_int8(path, tmp_path / "loose.onnx", batches, target_error=min(0.5, 2 * plain["calibration_output_error"]))
+    strict = quantize_int8(path, tmp_path / "strict.onnx", batches, target_error=plain["calibration_output_error"] / 4)
+    assert loose["fp32_layers"] == []
+    assert strict["fp32_layers"] == ranked[:len(strict["fp32_layers"])] and len(strict["fp32_layers"]) >= 1
+    errors = strict["fp32_layer_search"]["error_by_fp32_layers"]
+    assert strict["calibration_output_error"] <= plain["calibration_output_error"] / 4 or errors[len(strict["fp32_layers"])] == min(errors.values())

@@ -22,7 +22,7 @@ from .. import __version__, ui
 from ..errors import SrcompressError
 from . import manifest as manifest_mod
 from .onnx import export_onnx, is_text_input, parity_cases
-from .quantize import check_int8_options, convert_fp16, fidelity, heldout_set, quantize_int8
+from .quantize import TARGET_ERROR, check_int8_options, convert_fp16, fidelity, heldout_set, quantize_int8
 from .tensorrt import build_engine, build_script, profile_from_io, tensorrt_available, trtexec_command
 
 FORMATS = ("onnx", "tensorrt", "all")
@@ -36,6 +36,7 @@ class ExportOptions:
     int8_activations: str = "s8"
     int8_method: str = "minmax"
     int8_fp32_layers: int | str = "auto"
+    int8_target_error: float = TARGET_ERROR
     opset: int | None = None
     simplify: bool = True
     opt_batch: int = 8
@@ -54,7 +55,7 @@ def check_request(output: Path, options: ExportOptions, calibration_source: str 
     if options.int8 and not calibration_source:
         raise SrcompressError("--int8 needs calibration data", "pass --calib DATA (a file, an image folder, or mnist5k/photos/sentences)")
     if options.int8:
-        check_int8_options(options.int8_activations, options.int8_method, options.int8_fp32_layers)
+        check_int8_options(options.int8_activations, options.int8_method, options.int8_fp32_layers, options.int8_target_error)
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise SrcompressError(f"output {output} exists and is not a folder", "choose another -o")
@@ -221,7 +222,7 @@ def _export_into(folder: Path, module, inputs, options, notes, model_name, model
         with ui.phase(f"INT8 QDQ quantization on {len(calibration)} calibration samples"):
             scheme = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calibration.batches,
                                    activations=options.int8_activations, method=options.int8_method,
-                                   fp32_layers=options.int8_fp32_layers)
+                                   fp32_layers=options.int8_fp32_layers, target_error=options.int8_target_error)
         with ui.phase("measuring INT8 fidelity"):
             fid = fidelity(folder / "model.onnx", folder / "model.int8.onnx", heldout[0], heldout[1], heldout[2])
         files += scheme["files"]
