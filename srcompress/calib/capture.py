@@ -131,7 +131,8 @@ class PrefixCache:
     def __init__(self, budget: int = 2 << 30):
         self.budget = budget
         self.enabled = True
-        self.spans: dict[str, tuple[int, int]] | None = None  # module -> (start, end) in one forward pass
+        self.spans: dict[str, tuple[int, int]] | None = None  # module called once -> (start, end) in one forward pass
+        self.first_start: dict[str, int] = {}  # every module called -> when it first started
         self.eligible: set[str] = set()
         self.name: str | None = None
         self.outputs: list[torch.Tensor] = []
@@ -165,8 +166,9 @@ class PrefixCache:
             for handle in handles:
                 handle.remove()
         once = {n for n in ends if calls[n] == 1}
+        self.first_start = starts
         self.spans = {n: (starts[n], ends[n]) for n in once}
-        self.eligible = {n for n in once & tensor_out if n and isinstance(named.get(n.rpartition(".")[0] if "." in n else ""), nn.Sequential)}
+        self.eligible = {n for n in once & tensor_out if n and isinstance(named.get(n.rpartition(".")[0]), nn.Sequential)}
 
     def _valid(self, model: nn.Module) -> bool:
         current = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -179,7 +181,7 @@ class PrefixCache:
             return None, None
         if self.spans is None:
             self._trace(model, first_batch)
-        limit = min((self.spans[n][0] for n in before if n in self.spans), default=None)
+        limit = min((self.first_start[n] for n in before if n in self.first_start), default=None)
         if limit is None:
             return None, None
         resume = self.name if self.name and self.spans[self.name][1] < limit and self._valid(model) else None
@@ -191,7 +193,7 @@ class PrefixCache:
         """The outermost modules that finish before ``checkpoint`` starts."""
         start = self.spans[checkpoint][0]
         before = {n for n, (_, end) in self.spans.items() if end < start and n}
-        return [m for n, m in model.named_modules() if n in before and (n.rpartition(".")[0] if "." in n else "") not in before]
+        return [m for n, m in model.named_modules() if n in before and n.rpartition(".")[0] not in before]
 
     def store(self, model: nn.Module, name: str, outputs: list[torch.Tensor]) -> None:
         """Keep ``outputs`` of checkpoint ``name`` and the state of every tensor of the modules before it."""
