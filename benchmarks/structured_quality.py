@@ -6,8 +6,9 @@ methods ignore them). Methods: submodular (greedy selection + least-squares re-f
 submodular-norw (same selection, no re-fit), surgery (data-free), l1 and random (baselines).
 MiniLM: mean cosine of sentence embeddings against the dense model on held-out sentences after removing half
 of every FFN's neurons. MobileNetV2 (full run only): top-1 agreement and KL against dense on held-out photo
-crops after removing 25 % of the block-internal channels, calibrated on 128 crops of other photos; and the
-wall time of submodular pruning of every channel group with 512 calibration crops.
+crops after removing 25 % of the block-internal channels, calibrated on 128 crops of other photos, and in
+distribution (calibrated on one half of each evaluation photo, evaluated on the other half); and the wall time
+of submodular pruning of every channel group with 512 calibration crops.
 
     python -m benchmarks.structured_quality [--quick]
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from srcompress import assets
-from srcompress.calib.data import load_calibration
+from srcompress.calib.data import CalibrationSet, load_calibration
 from srcompress.compress.structured import StructuredSpec
 from srcompress.pipeline import prune_structured
 
@@ -81,33 +82,44 @@ def minilm(quick: bool) -> list[dict]:
     return rows
 
 
-def mobilenet() -> list[dict]:
-    """Top-1 agreement and KL against dense with 25 % of the block-internal channels removed."""
-    dense = assets.pretrained_mobilenet_v2().eval()
-    crops = assets.image_crops("test", 144)
-    with torch.no_grad():
-        reference = dense(crops).log_softmax(-1)
-    calibration = load_calibration("photos", 128, seed=0)
-    spec = StructuredSpec(0.25, exclude=MOBILENET_INTERNAL_ONLY)
-    rows = []
-    for method in ("submodular", "surgery", "l1"):
-        model, report, seconds = _prune(dense, (crops[:1],), spec, method, calibration)
-        with torch.no_grad():
-            out = model(crops).log_softmax(-1)
-        rows.append({"case": f"mobilenet_v2/{method}/internal0.25", "model": "mobilenet_v2", "method": method, "amount": 0.25,
-                     "agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
-                     "kl": float(F.kl_div(out, reference, log_target=True, reduction="batchmean")),
-                     "seconds": round(seconds, 1), "params_ratio": report.after["params"] / report.before["params"]})
-    # Speed at the issue's scale: every channel group (internal and residual), 512 calibration photos.
-    calibration = load_calibration("photos", 512, seed=0)
-    model, report, seconds = _prune(dense, (crops[:1],), StructuredSpec(0.25), "submodular", calibration)
+def _mobilenet_row(dense, crops, reference, spec, method, calibration, case: str, setting: str) -> dict:
+    model, report, seconds = _prune(dense, (crops[:1],), spec, method, calibration)
     with torch.no_grad():
         out = model(crops).log_softmax(-1)
-    rows.append({"case": "mobilenet_v2/submodular/all0.25/512", "model": "mobilenet_v2", "method": "submodular", "amount": 0.25,
-                 "scope": "all groups", "calibration": len(calibration),
-                 "agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
-                 "kl": float(F.kl_div(out, reference, log_target=True, reduction="batchmean")),
-                 "seconds": round(seconds, 1), "params_ratio": report.after["params"] / report.before["params"]})
+    return {"case": f"mobilenet_v2/{method}/{case}", "model": "mobilenet_v2", "method": method, "amount": spec.amount,
+            "setting": setting, "calibration": len(calibration),
+            "agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
+            "kl": float(F.kl_div(out, reference, log_target=True, reduction="batchmean")),
+            "seconds": round(seconds, 1), "params_ratio": report.after["params"] / report.before["params"]}
+
+
+def mobilenet() -> list[dict]:
+    """Top-1 agreement and KL against dense with 25 % of the block-internal channels removed.
+
+    Calibrated on other photos (other scenes), and in distribution: calibrated on crops of one half of each
+    evaluation photo, evaluated on crops of the other half (same scenes, disjoint pixels), both ways round.
+    """
+    dense = assets.pretrained_mobilenet_v2().eval()
+    spec = StructuredSpec(0.25, exclude=MOBILENET_INTERNAL_ONLY)
+    rows = []
+    settings = [("internal0.25", "calibrated on 128 crops of nine other photos", assets.image_crops("test", 144),
+                 load_calibration("photos", 128, seed=0))]
+    for calib_half, eval_half in (("left", "right"), ("right", "left")):
+        calib = assets.image_crops("test", 128, seed=1, half=calib_half)
+        settings.append((f"internal0.25/{calib_half}-to-{eval_half}",
+                         f"calibrated on 128 crops of the {calib_half} halves of the evaluation photos, evaluated on the {eval_half} halves",
+                         assets.image_crops("test", 144, half=eval_half), CalibrationSet([(c,) for c in calib.split(32)], f"{calib_half} halves")))
+    for case, setting, crops, calibration in settings:
+        with torch.no_grad():
+            reference = dense(crops).log_softmax(-1)
+        for method in ("submodular", "surgery", "l1"):
+            rows.append(_mobilenet_row(dense, crops, reference, spec, method, calibration, case, setting))
+    # Speed at the issue's scale: every channel group (internal and residual), 512 calibration photos.
+    crops = settings[0][2]
+    with torch.no_grad():
+        reference = dense(crops).log_softmax(-1)
+    rows.append(_mobilenet_row(dense, crops, reference, StructuredSpec(0.25), "submodular", load_calibration("photos", 512, seed=0),
+                               "all0.25/512", "internal and residual groups, 512 calibration crops of nine other photos"))
     return rows
 
 
@@ -130,10 +142,9 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"\nMiniLM, half of every FFN removed, {r['method']}: mean cosine {r['mean_cosine']:.3f} "
                          f"(min {r['min_cosine']:.3f}), {r['calibration']} calibration sentences, {r['seconds']} s")
         if r["model"] == "mobilenet_v2":
-            scope = (f"25 % of every channel group removed (internal and residual), {r['calibration']} calibration photos"
-                     if r.get("scope") == "all groups" else "25 % of block-internal channels removed")
-            lines.append(f"\nMobileNetV2, {scope}, {r['method']}: top-1 agreement {r['agreement']:.1%}, KL {r['kl']:.3f}, "
-                         f"{r['seconds']} s")
+            scope = "25 % of every channel group removed" if r["case"].endswith("/512") else "25 % of block-internal channels removed"
+            lines.append(f"\nMobileNetV2, {scope}, {r['setting']}, {r['method']}: top-1 agreement {r['agreement']:.1%}, "
+                         f"KL {r['kl']:.3f}, {r['seconds']} s")
     return "\n".join(lines)
 
 

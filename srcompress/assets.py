@@ -124,17 +124,22 @@ def _photo(name: str) -> np.ndarray:
     return image[..., :3].astype(np.uint8)
 
 
-def image_crops(split: str = "test", count: int = 128, size: int = 224, seed: int = 0) -> torch.Tensor:
+def image_crops(split: str = "test", count: int = 128, size: int = 224, seed: int = 0, half: str | None = None) -> torch.Tensor:
     """ImageNet-normalised random crops (scale 0.25-1, aspect 3/4-4/3, random flip) of real photos.
 
     ``test`` crops come from nine photos (a cat, an espresso, a rocket, ...), ``calib`` from nine others
     (an astronaut, a flower, a cameraman, a motorcycle, ...), so calibration never sees an evaluation photo. Crops cycle
-    through the photos in order.
+    through the photos in order. ``half="left"``/``"right"`` crops only that half of each photo (same scenes,
+    disjoint pixels: in-distribution calibration and evaluation sets).
     """
     names = {"test": EVAL_PHOTOS, "calib": CALIB_PHOTOS}.get(split)
     if names is None:
         raise SrcompressError(f"unknown image split {split!r}", "use test or calib")
+    if half not in (None, "left", "right"):
+        raise SrcompressError(f"unknown half {half!r}", "use left or right")
     photos = [torch.from_numpy(_photo(n)).permute(2, 0, 1).float() / 255 for n in names]
+    if half:
+        photos = [p[:, :, : p.shape[2] // 2] if half == "left" else p[:, :, p.shape[2] // 2:] for p in photos]
     gen = torch.Generator().manual_seed(seed)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

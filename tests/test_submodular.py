@@ -248,3 +248,16 @@ def test_prefix_cache_turns_itself_off_when_the_model_reuses_a_skipped_output(mo
     models, resumed, cache = _prune_with_and_without_prefix_cache(monkeypatch, build, (x[:1],), calibration, StructuredSpec(0.5))
     assert resumed >= 1 and not cache.enabled
     torch.testing.assert_close(models["cached"](x), models["full"](x))
+
+
+def test_image_crops_from_one_half_never_see_the_other(monkeypatch):
+    """In-distribution calibration: crops of the left halves and of the right halves share no pixels."""
+    split = np.zeros((60, 80, 3), dtype=np.uint8)
+    split[:, 40:] = 255
+    monkeypatch.setattr(assets, "_photo", lambda name: split)
+    left, right = assets.image_crops("test", 12, size=32, half="left"), assets.image_crops("test", 12, size=32, half="right")
+    mean, std = torch.tensor(assets.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(assets.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(left * std + mean, torch.zeros_like(left), atol=1e-6, rtol=0)
+    torch.testing.assert_close(right * std + mean, torch.ones_like(right), atol=1e-6, rtol=0)
+    with pytest.raises(SrcompressError, match="half"):
+        assets.image_crops("test", 2, half="top")
