@@ -61,6 +61,20 @@ def test_greedy_meets_its_guarantee_on_correlated_columns(seed):
         assert reached <= best + 1e-9
 
 
+def test_greedy_keeps_the_strongest_units_once_the_calibration_rows_are_exhausted():
+    """3 rows cannot tell 8 units apart after 3 picks: the rest go by what each explains alone, not by index."""
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=(3, 8)) * np.array([0.1, 0.2, 3.0, 0.3, 2.0, 0.4, 1.0, 5.0])
+    t = b @ rng.normal(size=(8, 2))
+    gram, target = b.T @ b, b.T @ t
+    columns = [np.array([i]) for i in range(8)]
+    chosen, reached, total = greedy_keep([(gram, target, columns, np.array([], dtype=int))], 6)
+    assert reached == pytest.approx(total, rel=1e-6)  # three units already explain everything the rows show
+    solo = [objective(gram, target, [u]) for u in range(8)]
+    rest = [u for u in range(8) if u not in chosen[:3]]
+    assert chosen[3:] == sorted(rest, key=lambda u: -solo[u])[:3]
+
+
 def test_block_gains_match_direct_objective():
     rng = np.random.default_rng(0)
     gram, target = instance(rng, 60, 12, 4)

@@ -86,11 +86,16 @@ class _Residual:
         return np.einsum("nj,njk->n", weights, projected ** 2)
 
 
+EXHAUSTED = 1e-12  # a gain below this fraction of the whole objective is round-off
+
+
 def greedy_keep(problems: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]], keep: int) -> tuple[list[int], float, float]:
     """Units to keep, chosen greedily over the summed objective of all consumers.
 
     Each problem is (G, H, columns per unit, columns always kept: the ones column and inputs of other groups).
     Returns the chosen units (in order), the objective reached and the objective of keeping every unit.
+    With fewer calibration rows than kept units the chosen ones can explain everything the data shows; every
+    remaining gain is then zero, and the rest are kept in order of what each unit explains on its own.
     """
     states, reached = [], 0.0
     for gram, target, _, fixed in problems:
@@ -101,11 +106,14 @@ def greedy_keep(problems: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], n
     total = _objective_of_all(problems)
     units = len(problems[0][2])
     remaining = list(range(units))
+    solo = sum(state.gains([columns[u] for u in remaining]) for state, (_, _, columns, _) in zip(states, problems))
     chosen = []
     for _ in range(keep):
         gains = np.zeros(len(remaining))
         for state, (_, _, columns, _) in zip(states, problems):
             gains += state.gains([columns[u] for u in remaining])
+        if gains.max() <= EXHAUSTED * max(total, 1e-300):
+            gains = solo[remaining]
         pick = remaining.pop(int(np.argmax(gains)))
         chosen.append(pick)
         reached += sum(state.add(columns[pick]) for state, (_, _, columns, _) in zip(states, problems))
