@@ -70,8 +70,9 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
 
 
 def run_benchmark_cli(name: str, doc: str, run: Callable[[bool], list[dict]], markdown: Callable[[list[dict]], str],
-                      quick_help: str) -> None:
-    """``python -m benchmarks.<name> [--quick]``: run, print the Markdown, write ``results/<name>[_quick].json/.md``."""
+                      quick_help: str, plot: Callable[[list[dict], Path], None] | None = None) -> None:
+    """``python -m benchmarks.<name> [--quick]``: run, print the Markdown, write ``results/<name>[_quick].json/.md``
+    (and ``.png`` with ``plot``)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,4 +82,6 @@ def run_benchmark_cli(name: str, doc: str, run: Callable[[bool], list[dict]], ma
     rows = run(args.quick)
     text = markdown(rows)
     print(text)
-    write_results(name + ("_quick" if args.quick else ""), {"rows": rows, "quick": args.quick}, text)
+    written = write_results(name + ("_quick" if args.quick else ""), {"rows": rows, "quick": args.quick}, text)
+    if plot is not None:
+        plot(rows, written.with_suffix(".png"))

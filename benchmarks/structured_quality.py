@@ -148,10 +148,43 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path) -> None:
+    """Quality vs budget: MNIST accuracy per method and calibration size; MobileNetV2 agreement and MiniLM cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    mnist_rows = [r for r in rows if r["model"] == "mnist_cnn" and r["method"] != "dense"]
+    for method in MNIST_METHODS:
+        for shots, style in ((5, "-"), (50, "--")):
+            points = sorted((r["amount"], r["accuracy"]) for r in mnist_rows if r["method"] == method and r["per_class"] == shots)
+            if points and (shots == 5 or method.startswith("submodular")):  # data-free methods ignore the calibration size
+                label = f"{method} ({shots} digits/class)" if method.startswith("submodular") else method
+                left.plot(*zip(*points), style, marker="o", label=label)
+    left.set(xlabel="fraction of channels/neurons removed", ylabel="held-out accuracy", title="MNIST CNN, no fine-tuning")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    names = {"internal0.25": "internal 25 %, other photos", "internal0.25/left-to-right": "internal 25 %, left -> right halves",
+             "internal0.25/right-to-left": "internal 25 %, right -> left halves", "all0.25/512": "all groups 25 %, 512 photos"}
+    bars = [(f"MobileNetV2 {names.get(r['case'].split('/', 2)[2], r['case'])} {r['method']}", r["agreement"])
+            for r in rows if r["model"] == "mobilenet_v2"]
+    bars += [(f"MiniLM FFN 50% {r['method']} (cosine)", r["mean_cosine"]) for r in rows if r["model"] == "minilm"]
+    if bars:
+        right.barh([b[0] for b in bars], [b[1] for b in bars])
+        right.set(xlabel="agreement with dense (MobileNetV2) / cosine (MiniLM)", xlim=(0, 1))
+        right.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     from .common import run_benchmark_cli
 
-    run_benchmark_cli("structured_quality", __doc__, run, markdown, "75 % only, 5 digits per class, fewer sentences, no MobileNetV2")
+    run_benchmark_cli("structured_quality", __doc__, run, markdown, "75 % only, 5 digits per class, fewer sentences, no MobileNetV2",
+                      plot)
 
 
 if __name__ == "__main__":
