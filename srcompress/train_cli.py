@@ -133,7 +133,7 @@ def _train(model_path, data_source, eval_data, normalize, sparsity, schedule, pa
     from .cli import _fail
     from .train import TrainConfig
 
-    world = 1
+    world, finished = 1, False
     try:
         rank, world = _init_distributed()
         ui.enable(not (quiet or as_json) and rank == 0)
@@ -153,12 +153,15 @@ def _train(model_path, data_source, eval_data, normalize, sparsity, schedule, pa
                     os.kill(os.getpid(), signal.SIGKILL)
         _run_train(rank, config, model_path, example, arch, trust_pickle, input_shape, input_dtype, data_source, eval_data,
                    _parse_normalize(normalize), output, fmt, force, checkpoint, checkpoint_every, resume, on_step, as_json)
+        finished = True
     except SrcompressError as err:
         _fail(err, as_json)
     finally:
         if world > 1:
             import torch
 
+            if finished:
+                torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
             torch.distributed.destroy_process_group()
 
 

@@ -296,6 +296,8 @@ def _ddp_worker(rank, world, rendezvous, results):
             digests.append(hashlib.sha256(b"".join(m.numpy().tobytes() for m in pruner.masks.values())).hexdigest())
         summary = pruner.finalize()
         results.put((rank, digests, summary["reached"], summary["revived_total"]))
+        del pruner, ddp  # release DDP's reducer while the process group is alive
+        torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         torch.distributed.destroy_process_group()
 
