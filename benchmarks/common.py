@@ -6,7 +6,6 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,16 +31,9 @@ def environment() -> dict:
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
-    for fn in functions.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    from srcompress.export.bench import interleaved_times
+
+    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats, warmup).items()}
 
 
 def onnx_file(model: torch.nn.Module, inputs: tuple, folder: str | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -67,6 +68,20 @@ def _runner(folder: Path, artifact: dict, names: list[str], threads: int | None)
     return None, f"unknown runtime {runtime}"
 
 
+def interleaved_times(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``runs`` times, calls interleaved so machine noise hits all alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _percentiles(times: list[float]) -> dict:
     ms = np.asarray(times) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99))}
@@ -90,16 +105,7 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
     for batch in ui.track(batch_sizes, "benchmarking batch sizes"):
         arrays = _inputs(folder, names, batch)
         calls = {name: make(arrays) for name, (label, make, artifact) in runners.items()}
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        times = {name: [] for name in calls}
-        for _ in range(runs):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-        for name, values in times.items():
+        for name, values in interleaved_times(calls, runs, warmup).items():
             label, _, artifact = runners[name]
             rows.append({"artifact": name, "file": artifact["file"], "runtime": label, "precision": artifact["precision"],
                          "role": artifact["role"], "batch": batch, "runs": runs, "warmup": warmup,
