@@ -141,6 +141,9 @@ class LayerInfo:
     bias: str | None = None
     batch_norm: dict[str, Any] | None = None  # names of weight, bias, running_mean, running_var, and eps
     ops_after: set[str] = field(default_factory=set)  # operators between this layer and the next weighted ones
+    feeds: set[str] = field(default_factory=set)  # weights of the next weighted layers this output reaches
+    chain: list[tuple[str, Any, tuple, dict]] | None = None  # (op, target, args after the input, kwargs) to the next
+    # weighted layer when the path does not branch; None when it does
 
 
 @dataclass
@@ -245,6 +248,11 @@ class Coupler:
                 return True
             stack.extend(a for a in current.all_input_nodes if a in self._inside or a.op == "placeholder")
         return False
+
+
+def _op_name(node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -353,9 +361,24 @@ class _Builder:
                 seen.add(user)
                 packet = getattr(user.target, "overloadpacket", None)
                 if packet in stops:
+                    if user in self.layer_nodes:
+                        self.layers[name].feeds.add(self.layer_nodes[user])
                     continue
-                ops.add(packet.__name__ if packet is not None else getattr(user.target, "__name__", str(user.target)))
+                ops.add(_op_name(user))
                 stack.extend(user.users)
+            self.layers[name].chain = self._chain(node, stops)
+
+    def _chain(self, node, stops) -> list[tuple[str, Any, tuple, dict]] | None:
+        """The operators from ``node`` to the next weighted layer, in order, if the path never branches."""
+        chain = []
+        while len(node.users) == 1:
+            node = next(iter(node.users))
+            if node.op != "call_function":
+                return None
+            if getattr(node.target, "overloadpacket", None) in stops:
+                return chain
+            chain.append((_op_name(node), node.target, tuple(node.args[1:]), dict(node.kwargs)))
+        return None
 
     # ----- graph walk ----------------------------------------------------------------------
     def run(self) -> None:

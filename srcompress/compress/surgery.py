@@ -15,12 +15,24 @@ the paper's approximation, with c in {0, 1}: the report lists those groups.
 
 Units are removed greedily, lowest saliency first; only the survivor's outgoing weights change, so each
 step updates one unit's <a^2> and the best partner of the units that pointed at the removed one.
+
+Mean compensation (our extension, still data-free): a merge leaves the consumer an error of
+a_j * (x_j - c x_i) whose expectation is known when the units' producers end in BatchNorm, because the
+running statistics say the normalised output has mean beta and spread |gamma| over the training data. The
+expected consumer input of each unit is that Gaussian pushed through the activations up to the consumer
+(ReLU6, GELU, pooling...), or the sum of the betas along a linear residual stream, and the expected error
+goes into the consumer's bias (or its BatchNorm's running mean). Units whose path holds anything else
+(max-pooling, products, no BatchNorm) are merged without it; the report lists the consumers compensated.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from torch import nn
 
 from .graph import ChannelGroup, Graph
 from .registry import Method
@@ -32,6 +44,19 @@ LINEAR = {"batch_norm", "_native_batch_norm_legit_no_training", "add", "add_", "
           "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "clone", "unsqueeze", "squeeze", "expand",
           "cat", "dropout", "alias", "detach", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
           "adaptive_avg_pool2d", "adaptive_avg_pool3d", "getitem", "_to_copy", "to", "sub", "sub_"}
+# Operators that keep each channel's mean (the expectation passes straight through them).
+MEAN_PRESERVING = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "contiguous", "clone", "dropout", "alias",
+                   "detach", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                   "adaptive_avg_pool3d", "_to_copy", "to"}
+# Elementwise activations whose expectation under a Gaussian input is taken numerically.
+ELEMENTWISE = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "gelu_", "silu",
+               "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid",
+               "hardsigmoid_", "elu", "elu_", "mish", "mish_", "softplus", "clamp", "clamp_"}
+# A residual stream: each producer's output is added in, so the expected input is the sum of their betas.
+STREAM = MEAN_PRESERVING | {"batch_norm", "add", "add_"}
+_GRID = torch.linspace(-8.0, 8.0, 3201, dtype=torch.float64)
+_GRID_WEIGHTS = torch.exp(-_GRID ** 2 / 2) / torch.exp(-_GRID ** 2 / 2).sum()
+_CURVE_STRIDE = 8  # correlations between units' curves use every 8th grid point
 
 
 def activation_mode(graph: Graph, group: ChannelGroup) -> str:
@@ -52,8 +77,13 @@ def activation_mode(graph: Graph, group: ChannelGroup) -> str:
 
 def incoming(graph: Graph, group: ChannelGroup) -> np.ndarray:
     """One row per unit: its producers' weights with BatchNorm folded in, followed by the folded bias."""
+    return np.hstack(incoming_blocks(graph, group, with_bias=True))
+
+
+def incoming_blocks(graph: Graph, group: ChannelGroup, with_bias: bool) -> list[np.ndarray]:
+    """Per producer, one row per unit of its BatchNorm-folded weights (and folded bias if ``with_bias``)."""
     table = _tensor_table(graph.model)
-    rows = [[] for _ in range(group.size)]
+    blocks = []
     for name, dim in group.producers:
         info = graph.layers.get(name)
         weight = table[name].detach().double()
@@ -65,12 +95,14 @@ def incoming(graph: Graph, group: ChannelGroup) -> np.ndarray:
             beta = table[bn["bias"]].detach().double() if bn["bias"] else torch.zeros_like(scale)
             scale = gamma / torch.sqrt(table[bn["var"]].detach().double() + bn["eps"])
             bias = beta + scale * (bias - table[bn["mean"]].detach().double())
-        for unit, slots in enumerate(group.slots):
+        rows = []
+        for slots in group.slots:
             positions = next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim))
             index = torch.as_tensor(positions)
             block = weight.index_select(dim, index).movedim(dim, 0).reshape(len(positions), -1) * scale[index, None]
-            rows[unit].append(torch.cat([block, bias[index, None]], dim=1).flatten())
-    return torch.stack([torch.cat(r) for r in rows]).numpy()
+            rows.append((torch.cat([block, bias[index, None]], dim=1) if with_bias else block).flatten())
+        blocks.append(torch.stack(rows).numpy())
+    return blocks
 
 
 def outgoing(graph: Graph, group: ChannelGroup) -> np.ndarray:
@@ -83,6 +115,83 @@ def outgoing(graph: Graph, group: ChannelGroup) -> np.ndarray:
             positions = next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim))
             rows[unit].append(weight.index_select(dim, torch.as_tensor(positions)).flatten())
     return torch.stack([torch.cat(r) for r in rows]).numpy()
+
+
+def _bn_moments(graph: Graph, producer: str, group: ChannelGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean (beta) and spread (|gamma|) of each unit's BatchNorm output after ``producer``, or None."""
+    info = graph.layers.get(producer)
+    if info is None or info.batch_norm is None or group.unit_width != 1:
+        return None
+    table = _tensor_table(graph.model)
+    bn = info.batch_norm
+    beta = table[bn["bias"]].detach().double() if bn["bias"] else torch.zeros(table[bn["mean"]].shape, dtype=torch.float64)
+    gamma = table[bn["weight"]].detach().double().abs() if bn["weight"] else torch.ones_like(beta)
+    slots = [next(s for s in unit if (s.tensor, s.dim) == (producer, 0)) for unit in group.slots]
+    if any(len(s.positions) != 1 for s in slots):
+        return None
+    index = torch.as_tensor([int(s.positions[0]) for s in slots])
+    return beta[index], gamma[index]
+
+
+def _through(chain, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor | None:
+    """f(mean + spread * t) on the Gaussian grid t, one row per unit, f being the operators after the BatchNorm."""
+    samples = mean[:, None] + spread[:, None] * _GRID[None, :]
+    for name, target, args, kwargs in chain:
+        if name in MEAN_PRESERVING:
+            continue
+        if name not in ELEMENTWISE or any(isinstance(a, torch.fx.Node) for a in (*args, *kwargs.values())):
+            return None
+        samples = target(samples.clone(), *args, **kwargs)
+    return samples
+
+
+@dataclass
+class InputMoments:
+    """A consumer's view of each unit: input mean and variance, and the input on the Gaussian grid if nonlinear."""
+
+    mean: np.ndarray
+    variance: np.ndarray
+    curves: np.ndarray | None  # (units, grid points) or None along a linear path
+
+
+def input_moments(graph: Graph, group: ChannelGroup) -> dict[str, InputMoments]:
+    """Per consumer weight, each unit's input mean and variance implied by the BatchNorm statistics (data-free).
+
+    Consumers whose input cannot be predicted this way (no BatchNorm, max-pooling, products, grouped
+    convolutions, multi-channel units, no bias or BatchNorm to absorb a shift) are left out. Along a
+    residual stream the producers' outputs are taken as uncorrelated.
+    """
+    moments = {}
+    for consumer, dim in group.consumers:
+        if dim != 1 or not _absorbs_shift(graph, consumer):
+            continue
+        direct = [p for p, _ in group.producers if consumer in graph.layers.get(p, _NO_LAYER).feeds]
+        normalised = [_bn_moments(graph, p, group) for p in direct]
+        if not direct or any(m is None for m in normalised):
+            continue
+        chain = graph.layers[direct[0]].chain
+        if len(direct) == 1 and chain and chain[0][0] == "batch_norm":
+            curves = _through(chain[1:], *normalised[0])
+            if curves is not None:
+                mean = curves @ _GRID_WEIGHTS
+                variance = (curves ** 2 @ _GRID_WEIGHTS - mean ** 2).clamp_min(0.0)
+                moments[consumer] = InputMoments(mean.numpy(), variance.numpy(), curves.numpy())
+        elif all(graph.layers[p].ops_after - {"output"} <= STREAM for p in direct):
+            moments[consumer] = InputMoments(sum(beta for beta, _ in normalised).numpy(),
+                                             sum(gamma ** 2 for _, gamma in normalised).numpy(), None)
+    return moments
+
+
+def _absorbs_shift(graph: Graph, consumer: str) -> bool:
+    """True if a constant added to ``consumer``'s input can be moved into its bias or following BatchNorm."""
+    info = graph.layers.get(consumer)
+    owner = graph.model.get_submodule(consumer.rpartition(".")[0]) if "." in consumer else graph.model
+    if isinstance(owner, nn.modules.conv._ConvNd) and owner.groups != 1:
+        return False
+    return info is not None and (info.bias is not None or info.batch_norm is not None)
+
+
+_NO_LAYER = type("NoLayer", (), {"feeds": frozenset()})()
 
 
 def pair_costs(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -107,13 +216,47 @@ def pair_costs(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return dist, coef
 
 
-def greedy_merges(u: np.ndarray, a: np.ndarray, mode: str, steps: int) -> list[tuple[int, int, float, float]]:
+def moment_costs(blocks: list[np.ndarray], moments: InputMoments, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pair costs in the consumer's input space: deleting j in favour of i leaves var_j * (1 - rho_ij^2).
+
+    rho_ij, the correlation of the two inputs, is estimated as in the paper from the weights alone (white
+    inputs): the cosine of the folded incoming weights, multiplied along chained producers (expansion then
+    depthwise) and taken over all of them together for producers added in parallel (a residual stream).
+    Through a nonlinearity it is scaled by the correlation the two units' outputs would have if their
+    normalised inputs were identical (or opposite), computed on the Gaussian grid. The merge factor is the
+    regression coefficient rho_ij * sqrt(var_j / var_i); the mean difference goes to the consumer's bias.
+    """
+    if mode == "linear":
+        blocks = [np.hstack(blocks)]
+    rho = np.ones((len(moments.variance), len(moments.variance)))
+    for block in blocks:
+        norms = np.clip(np.linalg.norm(block, axis=1), 1e-300, None)
+        rho *= (block @ block.T) / norms[:, None] / norms[None, :]
+    rho = np.clip(rho, -1.0, 1.0)
+    if moments.curves is not None:
+        curves = moments.curves[:, ::_CURVE_STRIDE]
+        weights = _GRID_WEIGHTS.numpy()[::_CURVE_STRIDE] / _GRID_WEIGHTS.numpy()[::_CURVE_STRIDE].sum()
+        centred = curves - (curves @ weights)[:, None]
+        spread = np.sqrt(np.clip((centred ** 2) @ weights, 0.0, None))
+        norm = np.where(spread > 0, 1.0 / np.clip(spread, 1e-300, None), 0.0)
+        same = (centred * weights) @ centred.T * norm[:, None] * norm[None, :]
+        opposite = (centred * weights) @ centred[:, ::-1].T * norm[:, None] * norm[None, :]
+        rho = np.where(rho >= 0, rho * same, -rho * opposite)
+    var = np.clip(moments.variance, 0.0, None)
+    dist = var[None, :] * (1 - rho ** 2)
+    coef = rho * np.sqrt(var[None, :] / np.clip(var[:, None], 1e-300, None))
+    np.fill_diagonal(dist, np.inf)
+    return np.vstack([dist, var[None, :]]), np.vstack([coef, np.zeros((1, len(var)))])
+
+
+def greedy_merges(u: np.ndarray, a: np.ndarray, mode: str, steps: int, costs=None) -> list[tuple[int, int, float, float]]:
     """(removed j, survivor i or -1, factor c, saliency) for ``steps`` lowest-saliency removals in turn.
 
-    ``a`` (outgoing weights, one row per unit) is updated in place by every merge.
+    ``a`` (outgoing weights, one row per unit) is updated in place by every merge. ``costs`` (D, C) replaces
+    the weight-space :func:`pair_costs` of ``u``.
     """
     n = len(u)
-    dist, coef = pair_costs(u, mode)
+    dist, coef = costs if costs is not None else pair_costs(u, mode)
     alive = np.ones(n + 1, dtype=bool)  # the last row ("delete outright") never dies
     a2 = (a ** 2).mean(axis=1)
     best = np.argmin(dist, axis=0)
@@ -145,33 +288,61 @@ def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> Gr
     a = outgoing(graph, group)
     floor = max(1, int(np.ceil(context.spec.min_keep * group.size)))
     curve_steps = group.size - floor
-    merges = greedy_merges(u, a.copy(), mode, curve_steps)
-    scale = float((a ** 2).mean() * (u ** 2).sum(axis=1).mean()) or 1.0
+    moments = input_moments(graph, group)
+    by_statistics = bool(moments) and len(moments) == len(group.consumers)
+    if by_statistics:  # every consumer's input is known: costs in its units, averaged over consumers
+        views = list(moments.values())
+        combined = InputMoments(np.mean([m.mean for m in views], axis=0), np.mean([m.variance for m in views], axis=0),
+                                next((m.curves for m in views if m.curves is not None), None))
+        costs = moment_costs(incoming_blocks(graph, group, with_bias=False), combined, mode)
+        scale = float((a ** 2).mean() * combined.variance.mean()) or 1.0
+    else:
+        costs = None
+        scale = float((a ** 2).mean() * (u ** 2).sum(axis=1).mean()) or 1.0
+    merges = greedy_merges(u, a.copy(), mode, curve_steps, costs)
     curve = [s / scale for _, _, _, s in merges]
     threshold = getattr(context.spec, "stop_threshold", None)
     if threshold is not None:
         count = next((k for k, s in enumerate(curve) if s > threshold), len(curve))
     chosen = merges[:count]
-    updates = _merge_updates(graph, group, chosen)
+    updates = _merge_updates(graph, group, chosen, {name: m.mean for name, m in moments.items()})
     return GroupDecision(sorted(j for j, _, _, _ in chosen), updates,
                          {"mode": mode, "approximate": mode == "approximate", "saliency_curve": [round(v, 8) for v in curve],
-                          "merged": sum(1 for _, i, _, _ in chosen if i >= 0)})
+                          "merged": sum(1 for _, i, _, _ in chosen if i >= 0),
+                          "saliency": "batchnorm statistics" if by_statistics else "weights",
+                          "mean_compensated": sorted(moments)})
 
 
-def _merge_updates(graph: Graph, group: ChannelGroup, merges) -> dict[str, torch.Tensor]:
-    """Consumer weights with each removed unit's outgoing slice added (times c) to its survivor's."""
+def _merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Consumer weights with each removed unit's outgoing slice added (times c) to its survivor's.
+
+    For consumers in ``means`` the expected error of each merge, slice_j * (E x_j - c E x_i), goes into the
+    consumer's bias, or is taken off the running mean of the BatchNorm that follows it.
+    """
     table = _tensor_table(graph.model)
     updates = {}
     for name, dim in group.consumers:
         tensor = table[name].detach().clone()
         positions = [next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim)) for slots in group.slots]
+        shift = torch.zeros(tensor.shape[0], dtype=torch.float64)
+        mean = means.get(name)
         for j, i, c, _ in merges:
+            source = tensor.index_select(dim, torch.as_tensor(positions[j]))
+            if mean is not None:
+                residual = mean[j] - (c * mean[i] if i >= 0 else 0.0)
+                shift += residual * source.double().reshape(tensor.shape[0], -1).sum(1)
             if i < 0 or c == 0.0:
                 continue
-            source = tensor.index_select(dim, torch.as_tensor(positions[j]))
             target = torch.as_tensor(positions[i])
             tensor.index_copy_(dim, target, tensor.index_select(dim, target) + c * source)
         updates[name] = tensor
+        if mean is not None and merges:
+            info = graph.layers[name]
+            if info.bias is not None:
+                updates[info.bias] = table[info.bias].detach() + shift.to(tensor.dtype)
+            else:
+                running = info.batch_norm["mean"]
+                updates[running] = table[running].detach() - shift.to(tensor.dtype)
     return updates
 
 
