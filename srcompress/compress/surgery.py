@@ -16,13 +16,14 @@ the paper's approximation, with c in {0, 1}: the report lists those groups.
 Units are removed greedily, lowest saliency first; only the survivor's outgoing weights change, so each
 step updates one unit's <a^2> and the best partner of the units that pointed at the removed one.
 
-Mean compensation (our extension, still data-free): a merge leaves the consumer an error of
-a_j * (x_j - c x_i) whose expectation is known when the units' producers end in BatchNorm, because the
-running statistics say the normalised output has mean beta and spread |gamma| over the training data. The
-expected consumer input of each unit is that Gaussian pushed through the activations up to the consumer
-(ReLU6, GELU, pooling...), or the sum of the betas along a linear residual stream, and the expected error
-goes into the consumer's bias (or its BatchNorm's running mean). Units whose path holds anything else
-(max-pooling, products, no BatchNorm) are merged without it; the report lists the consumers compensated.
+BatchNorm statistics (our extension, still data-free): when the units' producers end in BatchNorm, the
+running statistics say the normalised output has mean beta and spread |gamma| over the training data. That
+Gaussian pushed through the activations up to the consumer (ReLU6, GELU, pooling...), or summed along a
+linear residual stream, gives each unit's input mean and variance. Costs are then measured in that space
+(:func:`moment_costs`, with the regression coefficient as merge factor, for any activation), and a merge's
+expected error a_j * (E x_j - c E x_i) goes into the consumer's bias (or its BatchNorm's running mean).
+Groups whose path holds anything else (max-pooling, products, no BatchNorm) keep the paper's rule; the report
+says which saliency each group used and which consumers were compensated.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from .graph import ChannelGroup, Graph
@@ -75,6 +75,14 @@ def activation_mode(graph: Graph, group: ChannelGroup) -> str:
     return "approximate"
 
 
+def _bn_affine(table: dict[str, torch.Tensor], bn: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) of a BatchNorm in float64, ones and zeros where it has no affine parameters."""
+    size = table[bn["mean"]].shape
+    gamma = table[bn["weight"]].detach().double() if bn["weight"] else torch.ones(size, dtype=torch.float64)
+    beta = table[bn["bias"]].detach().double() if bn["bias"] else torch.zeros(size, dtype=torch.float64)
+    return gamma, beta
+
+
 def incoming(graph: Graph, group: ChannelGroup) -> np.ndarray:
     """One row per unit: its producers' weights with BatchNorm folded in, followed by the folded bias."""
     return np.hstack(incoming_blocks(graph, group, with_bias=True))
@@ -91,8 +99,7 @@ def incoming_blocks(graph: Graph, group: ChannelGroup, with_bias: bool) -> list[
         scale = torch.ones(weight.shape[dim], dtype=torch.float64)
         if info and info.batch_norm:
             bn = info.batch_norm
-            gamma = table[bn["weight"]].detach().double() if bn["weight"] else torch.ones_like(scale)
-            beta = table[bn["bias"]].detach().double() if bn["bias"] else torch.zeros_like(scale)
+            gamma, beta = _bn_affine(table, bn)
             scale = gamma / torch.sqrt(table[bn["var"]].detach().double() + bn["eps"])
             bias = beta + scale * (bias - table[bn["mean"]].detach().double())
         rows = []
@@ -122,15 +129,12 @@ def _bn_moments(graph: Graph, producer: str, group: ChannelGroup) -> tuple[torch
     info = graph.layers.get(producer)
     if info is None or info.batch_norm is None or group.unit_width != 1:
         return None
-    table = _tensor_table(graph.model)
-    bn = info.batch_norm
-    beta = table[bn["bias"]].detach().double() if bn["bias"] else torch.zeros(table[bn["mean"]].shape, dtype=torch.float64)
-    gamma = table[bn["weight"]].detach().double().abs() if bn["weight"] else torch.ones_like(beta)
+    gamma, beta = _bn_affine(_tensor_table(graph.model), info.batch_norm)
     slots = [next(s for s in unit if (s.tensor, s.dim) == (producer, 0)) for unit in group.slots]
     if any(len(s.positions) != 1 for s in slots):
         return None
     index = torch.as_tensor([int(s.positions[0]) for s in slots])
-    return beta[index], gamma[index]
+    return beta[index], gamma[index].abs()
 
 
 def _through(chain, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor | None:
@@ -165,7 +169,7 @@ def input_moments(graph: Graph, group: ChannelGroup) -> dict[str, InputMoments]:
     for consumer, dim in group.consumers:
         if dim != 1 or not _absorbs_shift(graph, consumer):
             continue
-        direct = [p for p, _ in group.producers if consumer in graph.layers.get(p, _NO_LAYER).feeds]
+        direct = [p for p, _ in group.producers if p in graph.layers and consumer in graph.layers[p].feeds]
         normalised = [_bn_moments(graph, p, group) for p in direct]
         if not direct or any(m is None for m in normalised):
             continue
@@ -191,9 +195,6 @@ def _absorbs_shift(graph: Graph, consumer: str) -> bool:
     return info is not None and (info.bias is not None or info.batch_norm is not None)
 
 
-_NO_LAYER = type("NoLayer", (), {"feeds": frozenset()})()
-
-
 def pair_costs(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """D[i, j] = ||u_j - C[i, j] u_i||^2 and the merge factor C for deleting j in favour of i.
 
@@ -216,7 +217,8 @@ def pair_costs(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return dist, coef
 
 
-def moment_costs(blocks: list[np.ndarray], moments: InputMoments, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def moment_costs(blocks: list[np.ndarray], variance: np.ndarray, curves: np.ndarray | None,
+                 mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Pair costs in the consumer's input space: deleting j in favour of i leaves var_j * (1 - rho_ij^2).
 
     rho_ij, the correlation of the two inputs, is estimated as in the paper from the weights alone (white
@@ -228,13 +230,13 @@ def moment_costs(blocks: list[np.ndarray], moments: InputMoments, mode: str) -> 
     """
     if mode == "linear":
         blocks = [np.hstack(blocks)]
-    rho = np.ones((len(moments.variance), len(moments.variance)))
+    rho = np.ones((len(variance), len(variance)))
     for block in blocks:
         norms = np.clip(np.linalg.norm(block, axis=1), 1e-300, None)
         rho *= (block @ block.T) / norms[:, None] / norms[None, :]
     rho = np.clip(rho, -1.0, 1.0)
-    if moments.curves is not None:
-        curves = moments.curves[:, ::_CURVE_STRIDE]
+    if curves is not None:
+        curves = curves[:, ::_CURVE_STRIDE]
         weights = _GRID_WEIGHTS.numpy()[::_CURVE_STRIDE] / _GRID_WEIGHTS.numpy()[::_CURVE_STRIDE].sum()
         centred = curves - (curves @ weights)[:, None]
         spread = np.sqrt(np.clip((centred ** 2) @ weights, 0.0, None))
@@ -242,7 +244,7 @@ def moment_costs(blocks: list[np.ndarray], moments: InputMoments, mode: str) -> 
         same = (centred * weights) @ centred.T * norm[:, None] * norm[None, :]
         opposite = (centred * weights) @ centred[:, ::-1].T * norm[:, None] * norm[None, :]
         rho = np.where(rho >= 0, rho * same, -rho * opposite)
-    var = np.clip(moments.variance, 0.0, None)
+    var = np.clip(variance, 0.0, None)
     dist = var[None, :] * (1 - rho ** 2)
     coef = rho * np.sqrt(var[None, :] / np.clip(var[:, None], 1e-300, None))
     np.fill_diagonal(dist, np.inf)
@@ -291,11 +293,10 @@ def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> Gr
     moments = input_moments(graph, group)
     by_statistics = bool(moments) and len(moments) == len(group.consumers)
     if by_statistics:  # every consumer's input is known: costs in its units, averaged over consumers
-        views = list(moments.values())
-        combined = InputMoments(np.mean([m.mean for m in views], axis=0), np.mean([m.variance for m in views], axis=0),
-                                next((m.curves for m in views if m.curves is not None), None))
-        costs = moment_costs(incoming_blocks(graph, group, with_bias=False), combined, mode)
-        scale = float((a ** 2).mean() * combined.variance.mean()) or 1.0
+        variance = np.mean([m.variance for m in moments.values()], axis=0)
+        curves = next((m.curves for m in moments.values() if m.curves is not None), None)
+        costs = moment_costs(incoming_blocks(graph, group, with_bias=False), variance, curves, mode)
+        scale = float((a ** 2).mean() * variance.mean()) or 1.0
     else:
         costs = None
         scale = float((a ** 2).mean() * (u ** 2).sum(axis=1).mean()) or 1.0
