@@ -167,7 +167,7 @@ def input_moments(graph: Graph, group: ChannelGroup) -> dict[str, InputMoments]:
     """
     moments = {}
     for consumer, dim in group.consumers:
-        if dim != 1 or not _absorbs_shift(graph, consumer):
+        if dim != 1 or not absorbs_shift(graph, consumer):
             continue
         direct = [p for p, _ in group.producers if p in graph.layers and consumer in graph.layers[p].feeds]
         normalised = [_bn_moments(graph, p, group) for p in direct]
@@ -186,7 +186,7 @@ def input_moments(graph: Graph, group: ChannelGroup) -> dict[str, InputMoments]:
     return moments
 
 
-def _absorbs_shift(graph: Graph, consumer: str) -> bool:
+def absorbs_shift(graph: Graph, consumer: str) -> bool:
     """True if a constant added to ``consumer``'s input can be moved into its bias or following BatchNorm."""
     info = graph.layers.get(consumer)
     owner = graph.model.get_submodule(consumer.rpartition(".")[0]) if "." in consumer else graph.model
@@ -306,7 +306,7 @@ def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> Gr
     if threshold is not None:
         count = next((k for k, s in enumerate(curve) if s > threshold), len(curve))
     chosen = merges[:count]
-    updates = _merge_updates(graph, group, chosen, {name: m.mean for name, m in moments.items()})
+    updates = merge_updates(graph, group, chosen, {name: m.mean for name, m in moments.items()})
     return GroupDecision(sorted(j for j, _, _, _ in chosen), updates,
                          {"mode": mode, "approximate": mode == "approximate", "saliency_curve": [round(v, 8) for v in curve],
                           "merged": sum(1 for _, i, _, _ in chosen if i >= 0),
@@ -314,11 +314,12 @@ def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> Gr
                           "mean_compensated": sorted(moments)})
 
 
-def _merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Consumer weights with each removed unit's outgoing slice added (times c) to its survivor's.
 
     For consumers in ``means`` the expected error of each merge, slice_j * (E x_j - c E x_i), goes into the
-    consumer's bias, or is taken off the running mean of the BatchNorm that follows it.
+    consumer's bias, or is taken off the running mean of the BatchNorm that follows it. ``means[name][j]`` is
+    unit j's input mean, one number or one per position the consumer reads it at (a flattened feature map).
     """
     table = _tensor_table(graph.model)
     updates = {}
@@ -330,8 +331,10 @@ def _merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, n
         for j, i, c, _ in merges:
             source = tensor.index_select(dim, torch.as_tensor(positions[j]))
             if mean is not None:
-                residual = mean[j] - (c * mean[i] if i >= 0 else 0.0)
-                shift += residual * source.double().reshape(tensor.shape[0], -1).sum(1)
+                residual = torch.as_tensor(mean[j] - (c * mean[i] if i >= 0 else 0.0), dtype=torch.float64)
+                along = [1] * tensor.dim()
+                along[dim] = residual.numel()
+                shift += (source.double() * residual.reshape(along)).reshape(tensor.shape[0], -1).sum(1)
             if i < 0 or c == 0.0:
                 continue
             target = torch.as_tensor(positions[i])
