@@ -68,7 +68,8 @@ def surgery_suite(quick: bool, only: str | None) -> list[dict]:
             continue
         for row in fn(quick):
             setting = row["setting"].split()[0]
-            rows.append({**row, "case": f"{model}/{row['method']}/{setting}/{row['amount']:g}", "model": model})
+            suffix = "/global" if row.get("allocation") == "global" else ""
+            rows.append({**row, "case": f"{model}/{row['method']}/{setting}/{row['amount']:g}{suffix}", "model": model})
     return rows
 
 

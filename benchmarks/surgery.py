@@ -5,7 +5,9 @@ pruning, so every image is held out) and mean KL divergence from the dense model
 fully connected layer's neurons and at 10/25/50 % of the conv channels.
 MobileNetV2 (ImageNet weights): top-1 agreement and mean KL against the dense model on 144 crops of nine
 real photos, at 10/25/50 % of channels, for every channel group and for the block-internal (expansion)
-groups only. Random is the mean of three seeds. Also times surgery on MobileNetV2's widest group.
+groups only, each group losing that fraction; and for every group under surgery's global allocation
+(``--scope global``: the cheapest merges network-wide), where L1 and random remove the same number of units from
+each group. Random is the mean of three seeds. Also times surgery on MobileNetV2's widest group.
 
 Two additions make "does surgery beat L1 here" answerable. Each surgery row carries a paired comparison with L1
 on the same images: how many only surgery gets right (agrees with dense) and how many only L1 does, with the
@@ -32,8 +34,8 @@ from torch import nn
 
 from srcompress import assets
 from srcompress.compress.graph import build_graph
-from srcompress.compress.registry import Method
-from srcompress.compress.structured import GroupDecision, StructuredSpec
+from srcompress.compress.registry import Method, get_method
+from srcompress.compress.structured import GroupDecision, StructuredSpec, lowest
 from srcompress.compress.surgery import (absorbs_shift, activation_mode, greedy_merges, incoming, merge_updates, outgoing,
                                          surgery_select)
 from srcompress.pipeline import StructuredContext, prune_structured
@@ -77,20 +79,42 @@ def paired(this, l1) -> dict:
             "kl_lower_share": float((this[1] < l1[1]).mean())}
 
 
+def following(method, counts: dict[str, int]) -> Method:
+    """``method`` removing exactly ``counts[group name]`` units per group under global allocation (so it can be
+    compared with surgery at surgery's own allocation): its removal costs are 0 for that many units, then infinite."""
+    base = get_method(method, structured=True)
+
+    def removal_costs(graph, group, context):
+        take = counts.get(group.name, 0)
+        return np.concatenate([np.zeros(take), np.full(group.size - take, np.inf)])
+
+    def select(graph, group, count, context):
+        if base.select:
+            return base.select(graph, group, count, context)
+        return GroupDecision(lowest(base.unit_score(graph, group, context), count))
+
+    return Method(getattr(method, "name", method), base.summary, kind="structured", select=select, removal_costs=removal_costs)
+
+
 def _sweep(dense, inputs, images, reference, labels, points, methods, seeds):
+    """``points``: (setting, excluded groups, amounts, allocation). Under global allocation surgery (first in
+    ``methods``) allocates and every other method removes the same number of units from each group."""
     rows = []
-    for setting, exclude, amounts in points:
+    for setting, exclude, amounts, allocation in points:
         for amount in amounts:
-            point_rows, per_image = [], {}
+            point_rows, per_image, counts = [], {}, None
             for method in methods:
                 name = getattr(method, "name", method)
                 runs = []
                 for seed in (seeds if method == "random" else [0]):
-                    model, report = _prune(dense, inputs, StructuredSpec(amount, exclude=exclude, seed=seed), method)
+                    spec = StructuredSpec(amount, allocation=allocation, exclude=exclude, seed=seed)
+                    model, report = _prune(dense, inputs, spec, following(method, counts) if counts else method)
+                    if allocation == "global" and counts is None:
+                        counts = {g["name"]: g["units_before"] - g["units_after"] for g in report.groups}
                     runs.append({**_fidelity(model, images, reference, labels),
                                  "params_removed": 1 - report.after["params"] / report.before["params"]})
                     per_image[name] = _per_image(model, images, reference, labels)[:2]
-                row = {"setting": setting, "amount": amount, "method": name}
+                row = {"setting": setting, "amount": amount, "allocation": allocation, "method": name}
                 for key in runs[0]:
                     values = [r[key] for r in runs if r[key] is not None]
                     row[key] = statistics.mean(values) if values else None
@@ -179,12 +203,12 @@ def mnist(quick: bool) -> list[dict]:
     images, labels = assets.mnist5k("all")
     with torch.no_grad():
         reference = dense(images).log_softmax(-1)
-    points = [("fc", ("conv_layers*",), [0.25, 0.5, 0.75] + ([] if quick else [0.9])),
-              ("conv", ("fc_layers*",), [0.1, 0.25, 0.5])]
+    points = [("fc", ("conv_layers*",), [0.25, 0.5, 0.75] + ([] if quick else [0.9]), "uniform"),
+              ("conv", ("fc_layers*",), [0.1, 0.25, 0.5], "uniform")]
     methods = ["surgery", "l1", "random"] + ([] if quick else [measured_surgery(InputStatistics(dense, [assets.mnist5k("train")[0][::8]]))])
     rows = _sweep(dense, (images[:1],), images, reference, labels, points, methods, [0, 1, 2])
     dense_metrics = _fidelity(dense, images, reference, labels)
-    return [{"setting": "dense", "amount": 0.0, "method": "dense", **dense_metrics, "params_removed": 0.0}] + rows
+    return [{"setting": "dense", "amount": 0.0, "allocation": "uniform", "method": "dense", **dense_metrics, "params_removed": 0.0}] + rows
 
 
 def mobilenet(quick: bool) -> list[dict]:
@@ -192,7 +216,9 @@ def mobilenet(quick: bool) -> list[dict]:
     images = assets.image_crops("test", 48 if quick else 144)
     with torch.no_grad():
         reference = dense(images).log_softmax(-1)
-    points = [("all groups", (), [0.1, 0.25, 0.5]), ("block-internal groups", MOBILENET_INTERNAL_ONLY, [0.1, 0.25, 0.5])]
+    points = [("all groups", (), [0.1, 0.25, 0.5], "uniform"),
+              ("block-internal groups", MOBILENET_INTERNAL_ONLY, [0.1, 0.25, 0.5], "uniform"),
+              ("all groups, surgery's allocation", (), [0.1, 0.25, 0.5], "global")]
     methods = ["surgery", "l1", "random"]
     if not quick:
         calib = assets.image_crops("calib", 64)

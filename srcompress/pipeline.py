@@ -150,8 +150,12 @@ def prune_structured(
     groups, skipped = candidate_groups(graph, spec)
     original = copy.deepcopy(model) if chosen.needs_data else None
     context = StructuredContext(model, example_inputs, spec, spec.seed, calibration, original)
-    scores = {g.index: np.asarray(chosen.unit_score(graph, g, context)) for g in groups} if chosen.unit_score else None
-    counts = allocate(graph, groups, spec, flops, scores)
+    scores, comparable = None, False
+    if chosen.unit_score:
+        scores = {g.index: np.asarray(chosen.unit_score(graph, g, context)) for g in groups}
+    elif chosen.removal_costs and spec.allocation == "global":
+        scores, comparable = {g.index: np.asarray(chosen.removal_costs(graph, g, context)) for g in groups}, True
+    counts = allocate(graph, groups, spec, flops, scores, comparable)
     context.planned = [g for g in groups if counts.get(g.index, 0)]
     params_before, flops_before = model_costs(graph, flops, set())
     decisions: dict[int, GroupDecision] = {}

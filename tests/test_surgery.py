@@ -207,3 +207,25 @@ def test_batchnorm_moments_predict_mobilenet_inputs():
         if through_relu6:  # means of a residual stream are all near zero; correlation says nothing there
             assert mean_corr > 0.9, group_name
         assert var_corr > 0.4, group_name
+
+
+def test_global_allocation_takes_the_cheapest_merges_network_wide(cli, tmp_path, model_files):
+    """Under --scope global surgery spends the budget where merging costs least: on exact duplicates first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    for source, target in ((0, 5), (1, 6), (2, 7)):
+        _copy_unit(model[0], source, target, 1.0)
+    x = torch.randn(256, 10)
+    reference = model(x).detach()
+    uniform = prune_structured(copy.deepcopy(model), (x[:1],), StructuredSpec(3 / 16), "surgery")
+    assert [row["units_after"] for row in uniform.groups if row["units_before"] == 8] == [6, 6]  # both groups lose units
+    report = prune_structured(model, (x[:1],), StructuredSpec(3 / 16, allocation="global"), "surgery")
+    assert [row["units_after"] for row in report.groups if row["units_before"] == 8] == [5, 8]
+    torch.testing.assert_close(model(x).detach(), reference, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "cnn.pt"
+    result = cli("prune", "--method", "surgery", "--structured", "--sparsity", "0.5", "--scope", "global",
+                 model_files["cnn"], "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    widths = {row["name"]: row["units_after"] / row["units_before"] for row in result.json["groups"] if "info" in row}
+    assert abs(result.json["reached"]["channels"] - 0.5) < 0.01 and len(set(widths.values())) > 1  # not uniform

@@ -26,7 +26,8 @@ class Method:
     ``mask`` methods give element scores (``score``) to the shared mask machinery. ``structured`` methods
     either score units (``unit_score(graph, group, context) -> array``, lowest removed first, which also
     allows global allocation) or choose and compensate group by group (``select(graph, group, count,
-    context) -> GroupDecision``).
+    context) -> GroupDecision``). A ``select`` method allows global allocation if it gives ``removal_costs(graph,
+    group, context) -> array``: the cost of its 1st, 2nd, ... removal in that group, comparable across groups.
     """
 
     name: str
@@ -36,6 +37,7 @@ class Method:
     score: Callable[..., Any] | None = None
     unit_score: Callable[..., Any] | None = None
     select: Callable[..., Any] | None = None
+    removal_costs: Callable[..., Any] | None = None
 
 
 STRUCTURED_ALIASES = {"magnitude": "l1", "random": "random-channels"}

@@ -246,8 +246,12 @@ def _rounded(group: ChannelGroup, spec: StructuredSpec, remove: int) -> int:
 
 
 def allocate(graph: Graph, groups: list[ChannelGroup], spec: StructuredSpec, flops: dict[str, int],
-             scores: dict[int, np.ndarray] | None) -> dict[int, int]:
-    """Units to remove per group index so the target is met (uniform fraction or global ranking)."""
+             scores: dict[int, np.ndarray] | None, comparable: bool = False) -> dict[int, int]:
+    """Units to remove per group index so the target is met (uniform fraction or global ranking).
+
+    For global ranking, ``scores`` are unit scores, put on one scale by dividing by each group's mean, or, if
+    ``comparable``, costs of successive removals already on one scale (taken as they are, in order).
+    """
     spec.validate()
     if not groups:
         return {}
@@ -256,7 +260,7 @@ def allocate(graph: Graph, groups: list[ChannelGroup], spec: StructuredSpec, flo
     if spec.allocation == "global":
         if scores is None:
             raise SrcompressError("global allocation needs a method that scores units", "use --allocation uniform with this method")
-        counts = _global_counts(graph, groups, spec, flops, scores)
+        counts = _global_counts(graph, groups, spec, flops, scores, comparable)
     else:
         counts = _uniform_counts(graph, groups, spec, flops)
     if spec.uniform_widths:
@@ -273,11 +277,14 @@ def _uniform_counts(graph, groups, spec, flops) -> dict[int, int]:
     return _bisect(graph, groups, spec, flops, counts_for)
 
 
-def _global_counts(graph, groups, spec, flops, scores) -> dict[int, int]:
+def _global_counts(graph, groups, spec, flops, scores, comparable) -> dict[int, int]:
     normalised = []
     for g in groups:
         s = np.asarray(scores[g.index], dtype=np.float64)
-        s = s / (s.mean() if s.mean() > 0 else 1.0)
+        if comparable:  # successive removals: a later one is never taken before an earlier one
+            s = np.maximum.accumulate(s)
+        else:
+            s = s / (s.mean() if s.mean() > 0 else 1.0)
         normalised += [(value, g.index, unit) for unit, value in enumerate(s)]
     normalised.sort(key=lambda t: (t[0], t[1], t[2]))
     by_index = {g.index: g for g in groups}

@@ -24,6 +24,9 @@ linear residual stream, gives each unit's input mean and variance. Costs are the
 expected error a_j * (E x_j - c E x_i) goes into the consumer's bias (or its BatchNorm's running mean).
 Groups whose path holds anything else (max-pooling, products, no BatchNorm) keep the paper's rule; the report
 says which saliency each group used and which consumers were compensated.
+
+Under global allocation (``--scope global``) every group's merges are ranked together, each costed as a share of
+its group's whole input energy at the consumers, so the budget goes where merging loses least.
 """
 
 from __future__ import annotations
@@ -283,13 +286,22 @@ def greedy_merges(u: np.ndarray, a: np.ndarray, mode: str, steps: int, costs=Non
     return merges
 
 
-def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> GroupDecision:
-    """Remove ``count`` units of ``group`` by surgery; the full saliency curve (to the floor) goes in ``info``."""
+@dataclass
+class _Plan:
+    """A group's full greedy merge sequence, to the floor, with each merge's saliency on a common scale."""
+
+    mode: str
+    merges: list[tuple[int, int, float, float]]
+    curve: list[float]  # saliency / (mean <a^2> * mean input energy of a unit)
+    moments: dict[str, InputMoments]  # consumers whose input mean is known (their bias takes the merges' error)
+    by_statistics: bool  # costs from those moments (every consumer known) rather than from the weights
+
+
+def _plan(graph: Graph, group: ChannelGroup, context) -> _Plan:
     mode = activation_mode(graph, group)
     u = incoming(graph, group)
     a = outgoing(graph, group)
     floor = max(1, int(np.ceil(context.spec.min_keep * group.size)))
-    curve_steps = group.size - floor
     moments = input_moments(graph, group)
     by_statistics = bool(moments) and len(moments) == len(group.consumers)
     if by_statistics:  # every consumer's input is known: costs in its units, averaged over consumers
@@ -300,18 +312,31 @@ def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> Gr
     else:
         costs = None
         scale = float((a ** 2).mean() * (u ** 2).sum(axis=1).mean()) or 1.0
-    merges = greedy_merges(u, a.copy(), mode, curve_steps, costs)
-    curve = [s / scale for _, _, _, s in merges]
+    merges = greedy_merges(u, a.copy(), mode, group.size - floor, costs)
+    return _Plan(mode, merges, [s / scale for _, _, _, s in merges], moments, by_statistics)
+
+
+def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> GroupDecision:
+    """Remove ``count`` units of ``group`` by surgery; the full saliency curve (to the floor) goes in ``info``."""
+    plan = _plan(graph, group, context)
     threshold = getattr(context.spec, "stop_threshold", None)
     if threshold is not None:
-        count = next((k for k, s in enumerate(curve) if s > threshold), len(curve))
-    chosen = merges[:count]
-    updates = merge_updates(graph, group, chosen, {name: m.mean for name, m in moments.items()})
+        count = next((k for k, s in enumerate(plan.curve) if s > threshold), len(plan.curve))
+    chosen = plan.merges[:count]
+    updates = merge_updates(graph, group, chosen, {name: m.mean for name, m in plan.moments.items()})
     return GroupDecision(sorted(j for j, _, _, _ in chosen), updates,
-                         {"mode": mode, "approximate": mode == "approximate", "saliency_curve": [round(v, 8) for v in curve],
+                         {"mode": plan.mode, "approximate": plan.mode == "approximate",
+                          "saliency_curve": [round(v, 8) for v in plan.curve],
                           "merged": sum(1 for _, i, _, _ in chosen if i >= 0),
-                          "saliency": "batchnorm statistics" if by_statistics else "weights",
-                          "mean_compensated": sorted(moments)})
+                          "saliency": "batchnorm statistics" if plan.by_statistics else "weights",
+                          "mean_compensated": sorted(plan.moments)})
+
+
+def surgery_removal_costs(graph: Graph, group: ChannelGroup, context) -> np.ndarray:
+    """Each successive merge's saliency as a share of the group's whole input energy at its consumers (the
+    curve divided by the unit count), so that groups compare under global allocation; the floor is infinite."""
+    curve = np.asarray(_plan(graph, group, context).curve) / group.size
+    return np.concatenate([curve, np.full(group.size - len(curve), np.inf)])
 
 
 def merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -351,4 +376,4 @@ def merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np
 
 
 SURGERY = Method("surgery", "merge near-duplicate units into their most similar survivor (data-free)", kind="structured",
-                 select=surgery_select)
+                 select=surgery_select, removal_costs=surgery_removal_costs)
