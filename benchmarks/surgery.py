@@ -13,9 +13,10 @@ Two additions make "does surgery beat L1 here" answerable. Each surgery row carr
 on the same images: how many only surgery gets right (agrees with dense) and how many only L1 does, with the
 exact two-sided sign-test p-value, and the share of images where surgery's KL is the lower. And
 ``surgery-measured`` runs the same merge rule with each unit's input mean and covariance *measured* on
-calibration images (500 MNIST-5k train digits, 64 crops of the nine calibration photos) instead of
-estimated from weights and BatchNorm statistics. It is not data-free; it shows how much of the gap to dense
-is left by the data-free estimates and how much by merging itself.
+calibration images (every 8th MNIST-5k train digit, 500 of the 5,000 evaluated; 64 crops of the nine
+calibration photos, none of them evaluated) instead of estimated from weights and BatchNorm statistics. It is
+not data-free; it shows how much of the gap to dense is left by the data-free estimates and how much by
+merging itself.
 
     python -m benchmarks.surgery [--quick]
 """
