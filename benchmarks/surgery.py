@@ -2,7 +2,8 @@
 
 MNIST CNN (pretrained, digit-recognizer-py): accuracy on all 5,000 MNIST-5k digits (nothing is seen while
 pruning, so every image is held out) and mean KL divergence from the dense model, at 25/50/75/90 % of the
-fully connected layer's neurons and at 10/25/50 % of the conv channels.
+fully connected layer's neurons and at 10/25/50 % of the conv channels; and at 50/75 % of all units, each
+group losing that fraction or under surgery's global allocation (see below).
 MobileNetV2 (ImageNet weights): top-1 agreement and mean KL against the dense model on 144 crops of nine
 real photos, at 10/25/50 % of channels, for every channel group and for the block-internal (expansion)
 groups only, each group losing that fraction; and for every group under surgery's global allocation
@@ -206,6 +207,8 @@ def mnist(quick: bool) -> list[dict]:
         reference = dense(images).log_softmax(-1)
     points = [("fc", ("conv_layers*",), [0.25, 0.5, 0.75] + ([] if quick else [0.9]), "uniform"),
               ("conv", ("fc_layers*",), [0.1, 0.25, 0.5], "uniform")]
+    if not quick:
+        points += [("all groups", (), [0.5, 0.75], "uniform"), ("all groups, surgery's allocation", (), [0.5, 0.75], "global")]
     methods = ["surgery", "l1", "random"] + ([] if quick else [measured_surgery(InputStatistics(dense, [assets.mnist5k("train")[0][::8]]))])
     rows = _sweep(dense, (images[:1],), images, reference, labels, points, methods, [0, 1, 2])
     dense_metrics = _fidelity(dense, images, reference, labels)
