@@ -35,11 +35,12 @@ import torch
 from torch import nn
 
 from srcompress import assets
+from srcompress.calib.capture import capture, consumer_module
 from srcompress.compress.graph import build_graph
 from srcompress.compress.registry import Method, get_method
 from srcompress.compress.structured import GroupDecision, StructuredSpec, lowest
 from srcompress.compress.surgery import (absorbs_shift, activation_mode, greedy_merges, incoming, merge_updates, outgoing,
-                                         surgery_select)
+                                         regression_costs, surgery_select)
 from srcompress.pipeline import StructuredContext, prune_structured
 
 from .common import write_results
@@ -53,17 +54,17 @@ def _prune(dense, inputs, spec, method):
 
 
 def _per_image(model, images, reference, labels=None):
-    """Per image: right (correct label, or agrees with dense if no labels) and KL from dense."""
+    """Per image: right (correct label, or agrees with dense if no labels), agrees with dense, KL from dense."""
     with torch.no_grad():
         out = model(images).log_softmax(-1)
-    target = labels if labels is not None else reference.argmax(1)
-    return (out.argmax(1) == target).numpy(), (reference.exp() * (reference - out)).sum(1).numpy(), out
+    agrees = (out.argmax(1) == reference.argmax(1)).numpy()
+    right = (out.argmax(1) == labels).numpy() if labels is not None else agrees
+    return right, agrees, (reference.exp() * (reference - out)).sum(1).numpy()
 
 
-def _fidelity(model, images, reference, labels=None):
-    right, kl, out = _per_image(model, images, reference, labels)
-    agree = float((out.argmax(1) == reference.argmax(1)).float().mean())
-    return {"accuracy": float(right.mean()) if labels is not None else None, "agreement": agree, "kl": float(kl.mean())}
+def _fidelity(per_image, labelled: bool) -> dict:
+    right, agrees, kl = per_image
+    return {"accuracy": float(right.mean()) if labelled else None, "agreement": float(agrees.mean()), "kl": float(kl.mean())}
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -75,10 +76,10 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def paired(this, l1) -> dict:
-    """Paired comparison on the same images: (right, kl) of one method against L1's."""
+    """Paired comparison on the same images: per-image results of one method against L1's."""
     only_this, only_l1 = int((this[0] & ~l1[0]).sum()), int((l1[0] & ~this[0]).sum())
     return {"only_this_right": only_this, "only_l1_right": only_l1, "sign_p": sign_test(only_this, only_l1),
-            "kl_lower_share": float((this[1] < l1[1]).mean())}
+            "kl_lower_share": float((this[2] < l1[2]).mean())}
 
 
 def following(method, counts: dict[str, int]) -> Method:
@@ -113,9 +114,9 @@ def _sweep(dense, inputs, images, reference, labels, points, methods, seeds):
                     model, report = _prune(dense, inputs, spec, following(method, counts) if counts else method)
                     if allocation == "global" and counts is None:
                         counts = {g["name"]: g["units_before"] - g["units_after"] for g in report.groups}
-                    runs.append({**_fidelity(model, images, reference, labels),
+                    per_image[name] = _per_image(model, images, reference, labels)
+                    runs.append({**_fidelity(per_image[name], labels is not None),
                                  "params_removed": 1 - report.after["params"] / report.before["params"]})
-                    per_image[name] = _per_image(model, images, reference, labels)[:2]
                 row = {"setting": setting, "amount": amount, "allocation": allocation, "method": name}
                 for key in runs[0]:
                     values = [r[key] for r in runs if r[key] is not None]
@@ -130,47 +131,26 @@ def _sweep(dense, inputs, images, reference, labels, points, methods, seeds):
 
 
 class InputStatistics:
-    """Each conv/linear layer's input over some batches: channel mean and covariance for convolutions
-    (over images and positions), the flattened inputs themselves for linear layers."""
+    """Each capturable conv/linear layer's input mean and covariance over one calibration batch, from the
+    calibration capture's second moments (conv inputs as patches: kernel taps averaged per channel)."""
 
-    def __init__(self, model: nn.Module, batches):
-        sums, products, counts, self.flat = {}, {}, {}, {}
+    def __init__(self, model: nn.Module, batch: torch.Tensor):
+        names = [f"{n}.weight" for n, _ in model.named_modules() if consumer_module(model, f"{n}.weight") is not None]
+        self.moments = {}
+        for name, stats in capture(model, names, [(batch,)], folds=1).items():
+            second = (stats.gram / stats.rows).numpy()
+            mean = second[-1, :-1]  # the ones column is last
+            self.moments[name] = (mean, second[:-1, :-1] - np.outer(mean, mean), np.diag(second)[:-1], stats.taps)
 
-        def record(name, module, args):
-            x = args[0].detach().double()
-            if isinstance(module, nn.Linear):
-                self.flat.setdefault(name, []).append(x.reshape(-1, x.shape[-1]))
-                return
-            x = x.transpose(0, 1).reshape(x.shape[1], -1)
-            sums[name] = sums.get(name, 0.0) + x.sum(1)
-            products[name] = products.get(name, 0.0) + x @ x.T
-            counts[name] = counts.get(name, 0) + x.shape[1]
-
-        hooks = [m.register_forward_pre_hook(lambda m, a, n=f"{n}.weight": record(n, m, a))
-                 for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-        for hook in hooks:
-            hook.remove()
-        self.flat = {n: torch.cat(parts).numpy() for n, parts in self.flat.items()}
-        self.conv = {}
-        for n in sums:
-            mean = sums[n] / counts[n]
-            self.conv[n] = (mean.numpy(), (products[n] / counts[n] - torch.outer(mean, mean)).numpy())
-
-    def units(self, weight: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Means (units, positions) and covariance summed over positions of the units read at ``index``
-        (units, positions) of ``weight``'s input; None if that input was not recorded."""
-        if weight in self.conv:
-            mean, cov = self.conv[weight]
-            return mean[index], sum(cov[np.ix_(index[:, p], index[:, p])] for p in range(index.shape[1]))
-        if weight in self.flat:
-            x = self.flat[weight]
-            centred = x - x.mean(0)
-            cov = sum(centred[:, index[:, p]].T @ centred[:, index[:, p]] for p in range(index.shape[1])) / len(x)
-            return x.mean(0)[index], cov
-        return None
+    def units(self, weight: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """For the units read at ``index`` (units, positions) of ``weight``'s input: means (units, positions),
+        covariance and second moments summed over positions; None if that input was not captured."""
+        if weight not in self.moments:
+            return None
+        mean, cov, second, taps = self.moments[weight]
+        columns = index[:, :, None] * taps + np.arange(taps)  # (units, positions, taps)
+        total = sum(cov[np.ix_(columns[:, p, t], columns[:, p, t])] for p in range(index.shape[1]) for t in range(taps))
+        return mean[columns].mean(2), total / taps, second[columns].sum((1, 2)) / taps
 
 
 def measured_surgery(stats: InputStatistics) -> Method:
@@ -186,15 +166,14 @@ def measured_surgery(stats: InputStatistics) -> Method:
             if found is None:
                 return surgery_select(graph, group, count, context)
             measured[consumer] = found
-        cov = np.mean([c for _, c in measured.values()], axis=0)
+        cov = np.mean([c for _, c, _ in measured.values()], axis=0)
+        second = np.mean([m for _, _, m in measured.values()], axis=0)
         var = np.clip(np.diag(cov), 0.0, None)
-        usable = var > 1e-9 * var.max()  # a constant unit explains nothing: no merge into it
-        coef = np.where(usable[:, None], cov / np.where(usable, var, 1.0)[:, None], 0.0)
-        dist = np.clip(var[None, :] - coef * cov, 0.0, None)
-        np.fill_diagonal(dist, np.inf)
-        costs = (np.vstack([dist, var[None, :]]), np.vstack([coef, np.zeros((1, len(var)))]))
+        varies = var > 1e-5 * second  # beyond float32 round-off of the second moment: a constant explains nothing
+        scale = np.where(varies, 1.0 / np.sqrt(np.where(varies, var, 1.0)), 0.0)
+        costs = regression_costs(np.clip(cov * scale[:, None] * scale[None, :], -1.0, 1.0), var)
         merges = greedy_merges(incoming(graph, group), outgoing(graph, group), activation_mode(graph, group), count, costs)
-        updates = merge_updates(graph, group, merges, {name: mean for name, (mean, _) in measured.items()})
+        updates = merge_updates(graph, group, merges, {name: mean for name, (mean, _, _) in measured.items()})
         return GroupDecision(sorted(j for j, *_ in merges), updates)
 
     return Method("surgery-measured", "surgery with measured input statistics", kind="structured", select=select)
@@ -209,9 +188,9 @@ def mnist(quick: bool) -> list[dict]:
               ("conv", ("fc_layers*",), [0.1, 0.25, 0.5], "uniform")]
     if not quick:
         points += [("all groups", (), [0.5, 0.75], "uniform"), ("all groups, surgery's allocation", (), [0.5, 0.75], "global")]
-    methods = ["surgery", "l1", "random"] + ([] if quick else [measured_surgery(InputStatistics(dense, [assets.mnist5k("train")[0][::8]]))])
+    methods = ["surgery", "l1", "random"] + ([] if quick else [measured_surgery(InputStatistics(dense, assets.mnist5k("train")[0][::8]))])
     rows = _sweep(dense, (images[:1],), images, reference, labels, points, methods, [0, 1, 2])
-    dense_metrics = _fidelity(dense, images, reference, labels)
+    dense_metrics = _fidelity(_per_image(dense, images, reference, labels), True)
     return [{"setting": "dense", "amount": 0.0, "allocation": "uniform", "method": "dense", **dense_metrics, "params_removed": 0.0}] + rows
 
 
@@ -226,7 +205,7 @@ def mobilenet(quick: bool) -> list[dict]:
     methods = ["surgery", "l1", "random"]
     if not quick:
         calib = assets.image_crops("calib", 64)
-        methods.append(measured_surgery(InputStatistics(dense, calib.split(16))))
+        methods.append(measured_surgery(InputStatistics(dense, calib)))
     return _sweep(dense, (images[:1],), images, reference, None, points, methods, [0, 1, 2] if not quick else [0])
 
 

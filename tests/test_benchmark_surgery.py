@@ -31,6 +31,6 @@ def test_measured_surgery_removes_a_fixed_pattern_channel_and_compensates_each_p
     data_free = copy.deepcopy(model)
     prune_structured(data_free, (x[:1],), StructuredSpec(0.25), "surgery")
     assert not torch.allclose(data_free(x), reference, atol=1e-3)  # without statistics the channel is not free
-    prune_structured(model, (x[:1],), StructuredSpec(0.25), measured_surgery(InputStatistics(model, [x])))
+    prune_structured(model, (x[:1],), StructuredSpec(0.25), measured_surgery(InputStatistics(model, x)))
     assert model[0].out_channels == 3
     torch.testing.assert_close(model(x).detach(), reference, rtol=1e-5, atol=1e-5)

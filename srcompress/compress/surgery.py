@@ -247,6 +247,12 @@ def moment_costs(blocks: list[np.ndarray], variance: np.ndarray, curves: np.ndar
         same = (centred * weights) @ centred.T * norm[:, None] * norm[None, :]
         opposite = (centred * weights) @ centred[:, ::-1].T * norm[:, None] * norm[None, :]
         rho = np.where(rho >= 0, rho * same, -rho * opposite)
+    return regression_costs(rho, variance)
+
+
+def regression_costs(rho: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """D[i, j] = var_j * (1 - rho_ij^2), what is left of input j after regressing it on input i, and the
+    regression coefficient C[i, j] = rho_ij * sqrt(var_j / var_i); the last row deletes j outright (C = 0)."""
     var = np.clip(variance, 0.0, None)
     dist = var[None, :] * (1 - rho ** 2)
     coef = rho * np.sqrt(var[None, :] / np.clip(var[:, None], 1e-300, None))
