@@ -8,7 +8,9 @@ MobileNetV2 (ImageNet weights): top-1 agreement and mean KL against the dense mo
 real photos, at 10/25/50 % of channels, for every channel group and for the block-internal (expansion)
 groups only, each group losing that fraction; and for every group under surgery's global allocation
 (``--scope global``: the cheapest merges network-wide), where L1 and random remove the same number of units from
-each group. Random is the mean of three seeds. Also times surgery on MobileNetV2's widest group.
+each group. Random is the mean of three seeds. On MobileNetV2 ``surgery-pairwise`` (the paper's fold, each removed
+channel into one survivor) shows what the least-squares fold adds; on the MNIST CNN no group has BatchNorm
+statistics, so surgery there is the paper's fold already. Also times surgery on MobileNetV2's widest group.
 
 Two additions make "does surgery beat L1 here" answerable. Each surgery row carries a paired comparison with L1
 on the same images: how many only surgery gets right (agrees with dense) and how many only L1 does, with the
@@ -39,8 +41,8 @@ from srcompress.calib.capture import capture, consumer_module
 from srcompress.compress.graph import build_graph
 from srcompress.compress.registry import Method, get_method
 from srcompress.compress.structured import GroupDecision, StructuredSpec, lowest
-from srcompress.compress.surgery import (absorbs_shift, activation_mode, greedy_merges, incoming, merge_updates, outgoing,
-                                         regression_costs, surgery_select)
+from srcompress.compress.surgery import (absorbs_shift, activation_mode, fold_coefficients, fold_updates, greedy_merges, incoming,
+                                         outgoing, regression_costs, surgery_select)
 from srcompress.pipeline import StructuredContext, prune_structured
 
 from .common import write_results
@@ -154,8 +156,8 @@ class InputStatistics:
 
 
 def measured_surgery(stats: InputStatistics) -> Method:
-    """Surgery's greedy merging with costs var_j (1 - rho_ij^2), regression merge factors and mean compensation
-    from measured input statistics (not data-free). Groups whose inputs were not recorded, or that reach a
+    """Surgery's greedy merging with costs var_j (1 - rho_ij^2), regression merge factors, the least-squares fold
+    and mean compensation from measured input statistics (not data-free). Groups whose inputs were not recorded, or that reach a
     consumer other than through its input channels, fall back to data-free surgery."""
 
     def select(graph, group, count, context):
@@ -173,8 +175,9 @@ def measured_surgery(stats: InputStatistics) -> Method:
         scale = np.where(varies, 1.0 / np.sqrt(np.where(varies, var, 1.0)), 0.0)
         costs = regression_costs(np.clip(cov * scale[:, None] * scale[None, :], -1.0, 1.0), var)
         merges = greedy_merges(incoming(graph, group), outgoing(graph, group), activation_mode(graph, group), count, costs)
-        updates = merge_updates(graph, group, merges, {name: mean for name, (mean, _, _) in measured.items()})
-        return GroupDecision(sorted(j for j, *_ in merges), updates)
+        kept, removed, gamma = fold_coefficients(group.size, merges, cov)
+        updates = fold_updates(graph, group, kept, removed, gamma, {name: mean for name, (mean, _, _) in measured.items()})
+        return GroupDecision(removed.tolist(), updates)
 
     return Method("surgery-measured", "surgery with measured input statistics", kind="structured", select=select)
 
@@ -202,7 +205,7 @@ def mobilenet(quick: bool) -> list[dict]:
     points = [("all groups", (), [0.1, 0.25, 0.5], "uniform"),
               ("block-internal groups", MOBILENET_INTERNAL_ONLY, [0.1, 0.25, 0.5], "uniform"),
               ("all groups, surgery's allocation", (), [0.1, 0.25, 0.5], "global")]
-    methods = ["surgery", "l1", "random"]
+    methods = ["surgery", "l1", "random"] + ([] if quick else ["surgery-pairwise"])
     if not quick:
         calib = assets.image_crops("calib", 64)
         methods.append(measured_surgery(InputStatistics(dense, calib)))

@@ -75,7 +75,7 @@ def main() -> None:
 @click.option("--structured", is_flag=True, help="Remove whole neurons, channels, channel groups and attention heads.")
 @click.option("--target", "target", default=None, help="With --structured: channels:F, params:F or flops:F (fraction removed).")
 @click.option("--method", default="magnitude", show_default=True,
-              help="magnitude or random (masks); l1 (also 'magnitude'), random or surgery (data-free) remove units and imply --structured.")
+              help="magnitude or random (masks); l1 (also 'magnitude'), random, surgery or surgery-pairwise (data-free) remove units and imply --structured.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
               help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks, layer for --structured.")
 @click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer (or channel group) always kept.")

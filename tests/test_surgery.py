@@ -229,3 +229,45 @@ def test_global_allocation_takes_the_cheapest_merges_network_wide(cli, tmp_path,
     assert result.exit_code == 0, result.stderr
     widths = {row["name"]: row["units_after"] / row["units_before"] for row in result.json["groups"] if "info" in row}
     assert abs(result.json["reached"]["channels"] - 0.5) < 0.01 and len(set(widths.values())) > 1  # not uniform
+
+
+def _batchnorm_mlp(seed: int) -> nn.Sequential:
+    """Linear -> BatchNorm -> Linear whose BatchNorm statistics are exactly those of white Gaussian inputs, with
+    units 4..9 mixtures of units 0..3 plus noise (redundant, but never a copy of one unit)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.Linear(10, 5)).eval()
+    with torch.no_grad():
+        base = model[0].weight[:4].clone()
+        model[0].weight[4:] = torch.randn(6, 4) @ base + 0.3 * torch.randn(6, 12)
+        model[1].running_mean.copy_(model[0].bias)
+        model[1].running_var.copy_(model[0].weight.pow(2).sum(1) - model[1].eps)
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+    return model
+
+
+def test_least_squares_fold_beats_pairwise_fold_when_the_statistics_hold():
+    """On inputs that match the BatchNorm statistics, regressing each removed unit on every survivor loses less
+    than folding it into its one closest survivor, and both stay exact on an exact duplicate."""
+    errors = {"surgery": [], "surgery-pairwise": []}
+    for seed in range(5):
+        dense = _batchnorm_mlp(seed)
+        x = torch.randn(4096, 12)
+        reference = dense(x).detach()
+        for method in errors:
+            model = copy.deepcopy(dense)
+            report = prune_structured(model, (x[:1],), StructuredSpec(0.3), method)
+            assert report.groups[0]["info"]["fold"] == ("least squares" if method == "surgery" else "pairwise")
+            errors[method].append(float((model(x).detach() - reference).pow(2).mean()))
+    assert all(ls < 0.9 * pair for ls, pair in zip(errors["surgery"], errors["surgery-pairwise"])), errors
+
+    dense = _batchnorm_mlp(0)
+    with torch.no_grad():
+        dense[0].weight[9], dense[0].bias[9] = dense[0].weight[2], dense[0].bias[2]
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            getattr(dense[1], name)[9] = getattr(dense[1], name)[2]
+    x = torch.randn(512, 12)
+    reference = dense(x).detach()
+    report = prune_structured(dense, (x[:1],), StructuredSpec(0.1), "surgery")
+    assert report.groups[0]["units_after"] == 9 and report.groups[0]["info"]["fold"] == "least squares"
+    torch.testing.assert_close(dense(x).detach(), reference, rtol=1e-5, atol=1e-5)

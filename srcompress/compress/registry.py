@@ -14,6 +14,7 @@ METHODS = {
     "l1": "srcompress.compress.scores:L1_CHANNELS",
     "random-channels": "srcompress.compress.scores:RANDOM_CHANNELS",
     "surgery": "srcompress.compress.surgery:SURGERY",
+    "surgery-pairwise": "srcompress.compress.surgery:SURGERY_PAIRWISE",
     "submodular": "srcompress.compress.submodular:SUBMODULAR",
     "submodular-norw": "srcompress.compress.submodular:SUBMODULAR_NO_REWEIGHT",
 }

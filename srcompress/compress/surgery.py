@@ -20,10 +20,12 @@ BatchNorm statistics (our extension, still data-free): when the units' producers
 running statistics say the normalised output has mean beta and spread |gamma| over the training data. That
 Gaussian pushed through the activations up to the consumer (ReLU6, GELU, pooling...), or summed along a
 linear residual stream, gives each unit's input mean and variance. Costs are then measured in that space
-(:func:`moment_costs`, with the regression coefficient as merge factor, for any activation), and a merge's
-expected error a_j * (E x_j - c E x_i) goes into the consumer's bias (or its BatchNorm's running mean).
-Groups whose path holds anything else (max-pooling, products, no BatchNorm) keep the paper's rule; the report
-says which saliency each group used and which consumers were compensated.
+(:func:`moment_correlations`, with the regression coefficient as merge factor, for any activation), and a
+merge's expected error a_j * (E x_j - c E x_i) goes into the consumer's bias (or its BatchNorm's running mean).
+With those statistics the fold is also refined: each removed unit's input is regressed on all survivors, ridge
+regression centred on the pairwise fold (:func:`fold_coefficients`; method ``surgery-pairwise`` keeps the
+paper's fold). Groups whose path holds anything else (max-pooling, products, no BatchNorm) keep the paper's
+rule; the report says which saliency and which fold each group used and which consumers were compensated.
 
 Under global allocation (``--scope global``) every group's merges are ranked together, each costed as a share of
 its group's whole input energy at the consumers, so the budget goes where merging loses least.
@@ -32,6 +34,7 @@ its group's whole input energy at the consumers, so the budget goes where mergin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -220,20 +223,18 @@ def pair_costs(u: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return dist, coef
 
 
-def moment_costs(blocks: list[np.ndarray], variance: np.ndarray, curves: np.ndarray | None,
-                 mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pair costs in the consumer's input space: deleting j in favour of i leaves var_j * (1 - rho_ij^2).
+def moment_correlations(blocks: list[np.ndarray], curves: np.ndarray | None, mode: str) -> np.ndarray:
+    """rho[i, j], the estimated correlation of units i and j at the consumer's input.
 
-    rho_ij, the correlation of the two inputs, is estimated as in the paper from the weights alone (white
-    inputs): the cosine of the folded incoming weights, multiplied along chained producers (expansion then
-    depthwise) and taken over all of them together for producers added in parallel (a residual stream).
-    Through a nonlinearity it is scaled by the correlation the two units' outputs would have if their
-    normalised inputs were identical (or opposite), computed on the Gaussian grid. The merge factor is the
-    regression coefficient rho_ij * sqrt(var_j / var_i); the mean difference goes to the consumer's bias.
+    As in the paper it comes from the weights alone (white inputs): the cosine of the folded incoming
+    weights, multiplied along chained producers (expansion then depthwise) and taken over all of them together
+    for producers added in parallel (a residual stream). Through a nonlinearity it is scaled by the correlation
+    the two units' outputs would have if their normalised inputs were identical (or opposite), computed on the
+    Gaussian grid.
     """
     if mode == "linear":
         blocks = [np.hstack(blocks)]
-    rho = np.ones((len(variance), len(variance)))
+    rho = np.ones((len(blocks[0]), len(blocks[0])))
     for block in blocks:
         norms = np.clip(np.linalg.norm(block, axis=1), 1e-300, None)
         rho *= (block @ block.T) / norms[:, None] / norms[None, :]
@@ -247,7 +248,7 @@ def moment_costs(blocks: list[np.ndarray], variance: np.ndarray, curves: np.ndar
         same = (centred * weights) @ centred.T * norm[:, None] * norm[None, :]
         opposite = (centred * weights) @ centred[:, ::-1].T * norm[:, None] * norm[None, :]
         rho = np.where(rho >= 0, rho * same, -rho * opposite)
-    return regression_costs(rho, variance)
+    return rho
 
 
 def regression_costs(rho: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +293,9 @@ def greedy_merges(u: np.ndarray, a: np.ndarray, mode: str, steps: int, costs=Non
     return merges
 
 
+RIDGE = 1.0  # least-squares fold: penalty on leaving the pairwise fold, as a multiple of each survivor's variance
+
+
 @dataclass
 class _Plan:
     """A group's full greedy merge sequence, to the floor, with each merge's saliency on a common scale."""
@@ -300,7 +304,7 @@ class _Plan:
     merges: list[tuple[int, int, float, float]]
     curve: list[float]  # saliency / (mean <a^2> * mean input energy of a unit)
     moments: dict[str, InputMoments]  # consumers whose input mean is known (their bias takes the merges' error)
-    by_statistics: bool  # costs from those moments (every consumer known) rather than from the weights
+    covariance: np.ndarray | None  # units' input covariance at the consumers, when every consumer's is known
 
 
 def _plan(graph: Graph, group: ChannelGroup, context) -> _Plan:
@@ -309,32 +313,41 @@ def _plan(graph: Graph, group: ChannelGroup, context) -> _Plan:
     a = outgoing(graph, group)
     floor = max(1, int(np.ceil(context.spec.min_keep * group.size)))
     moments = input_moments(graph, group)
-    by_statistics = bool(moments) and len(moments) == len(group.consumers)
-    if by_statistics:  # every consumer's input is known: costs in its units, averaged over consumers
+    covariance = None
+    if moments and len(moments) == len(group.consumers):  # costs in the consumers' input units, averaged
         variance = np.mean([m.variance for m in moments.values()], axis=0)
         curves = next((m.curves for m in moments.values() if m.curves is not None), None)
-        costs = moment_costs(incoming_blocks(graph, group, with_bias=False), variance, curves, mode)
+        rho = moment_correlations(incoming_blocks(graph, group, with_bias=False), curves, mode)
+        spread = np.sqrt(np.clip(variance, 0.0, None))
+        costs, covariance = regression_costs(rho, variance), rho * spread[:, None] * spread[None, :]
         scale = float((a ** 2).mean() * variance.mean()) or 1.0
     else:
         costs = None
         scale = float((a ** 2).mean() * (u ** 2).sum(axis=1).mean()) or 1.0
     merges = greedy_merges(u, a.copy(), mode, group.size - floor, costs)
-    return _Plan(mode, merges, [s / scale for _, _, _, s in merges], moments, by_statistics)
+    return _Plan(mode, merges, [s / scale for _, _, _, s in merges], moments, covariance)
 
 
-def surgery_select(graph: Graph, group: ChannelGroup, count: int, context) -> GroupDecision:
-    """Remove ``count`` units of ``group`` by surgery; the full saliency curve (to the floor) goes in ``info``."""
+def surgery_select(graph: Graph, group: ChannelGroup, count: int, context, refine: bool = True) -> GroupDecision:
+    """Remove ``count`` units of ``group`` by surgery; the full saliency curve (to the floor) goes in ``info``.
+
+    With ``refine`` and a known input covariance the fold is refined by least squares (:func:`fold_coefficients`);
+    otherwise each removed unit goes to its one survivor, as in the paper.
+    """
     plan = _plan(graph, group, context)
     threshold = getattr(context.spec, "stop_threshold", None)
     if threshold is not None:
         count = next((k for k, s in enumerate(plan.curve) if s > threshold), len(plan.curve))
     chosen = plan.merges[:count]
-    updates = merge_updates(graph, group, chosen, {name: m.mean for name, m in plan.moments.items()})
-    return GroupDecision(sorted(j for j, _, _, _ in chosen), updates,
+    covariance = plan.covariance if refine else None
+    kept, removed, gamma = fold_coefficients(group.size, chosen, covariance)
+    updates = fold_updates(graph, group, kept, removed, gamma, {name: m.mean for name, m in plan.moments.items()})
+    return GroupDecision(removed.tolist(), updates,
                          {"mode": plan.mode, "approximate": plan.mode == "approximate",
                           "saliency_curve": [round(v, 8) for v in plan.curve],
                           "merged": sum(1 for _, i, _, _ in chosen if i >= 0),
-                          "saliency": "batchnorm statistics" if plan.by_statistics else "weights",
+                          "saliency": "batchnorm statistics" if plan.covariance is not None else "weights",
+                          "fold": "least squares" if covariance is not None else "pairwise",
                           "mean_compensated": sorted(plan.moments)})
 
 
@@ -345,41 +358,71 @@ def surgery_removal_costs(graph: Graph, group: ChannelGroup, context) -> np.ndar
     return np.concatenate([curve, np.full(group.size - len(curve), np.inf)])
 
 
-def merge_updates(graph: Graph, group: ChannelGroup, merges, means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Consumer weights with each removed unit's outgoing slice added (times c) to its survivor's.
+def fold_coefficients(size: int, merges, covariance: np.ndarray | None = None,
+                      ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept units, removed units, Gamma): removed unit r's outgoing weights go to kept unit k times Gamma[k, r].
 
-    For consumers in ``means`` the expected error of each merge, slice_j * (E x_j - c E x_i), goes into the
-    consumer's bias, or is taken off the running mean of the BatchNorm that follows it. ``means[name][j]`` is
-    unit j's input mean, one number or one per position the consumer reads it at (a flattened feature map).
+    The merges alone give the paper's fold (chains composed: a unit that absorbed others and is then merged
+    carries them along). With the units' input ``covariance`` each removed input is further regressed on all
+    survivors, ridge regression centred on that fold with a penalty of ``ridge`` times each survivor's
+    variance: Gamma = G + (S_kk + ridge diag S_kk)^-1 (S_kr - S_kk G). What a survivor already explains
+    exactly (a duplicate, a scaled copy) leaves nothing to refine, so exact merges stay exact.
+    """
+    removed = np.array(sorted(j for j, _, _, _ in merges), dtype=int)
+    kept = np.setdiff1d(np.arange(size), removed)
+    compose = np.eye(size)
+    for j, i, c, _ in merges:
+        if i >= 0:
+            compose[i] += c * compose[j]
+    gamma = compose[np.ix_(kept, removed)]
+    if covariance is None or not len(removed) or not len(kept):
+        return kept, removed, gamma
+    values, vectors = np.linalg.eigh((covariance + covariance.T) / 2)  # the estimate need not be positive semidefinite
+    covariance = (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    among = covariance[np.ix_(kept, kept)]
+    system = among + ridge * np.diag(np.diag(among)) + 1e-9 * max(float(np.diag(among).mean()), 1e-300) * np.eye(len(kept))
+    return kept, removed, gamma + np.linalg.solve(system, covariance[np.ix_(kept, removed)] - among @ gamma)
+
+
+def fold_updates(graph: Graph, group: ChannelGroup, kept: np.ndarray, removed: np.ndarray, gamma: np.ndarray,
+                 means: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Consumer weights with each removed unit's outgoing slice added to the kept units' (times ``gamma``).
+
+    For consumers in ``means`` the expected error left, slice_r * (E x_r - sum_k gamma[k, r] E x_k), goes
+    into the consumer's bias, or is taken off the running mean of the BatchNorm that follows it.
+    ``means[name][j]`` is unit j's input mean, one number or one per position the consumer reads it at (a
+    flattened feature map).
     """
     table = _tensor_table(graph.model)
     updates = {}
+    if not len(removed):
+        return updates
+    coefficients = torch.from_numpy(gamma)
     for name, dim in group.consumers:
-        tensor = table[name].detach().clone()
-        positions = [next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim)) for slots in group.slots]
-        shift = torch.zeros(tensor.shape[0], dtype=torch.float64)
+        weight = table[name].detach()
+        index = torch.as_tensor(np.array([next(s.positions for s in slots if (s.tensor, s.dim) == (name, dim))
+                                          for slots in group.slots]))
+        moved = weight.double().movedim(dim, 0).clone()
+        slices = moved[index]  # (units, positions, the consumer's other dims...)
+        lost = slices[torch.as_tensor(removed)]
+        moved[index[torch.as_tensor(kept)]] += torch.tensordot(coefficients, lost, dims=1)
+        updates[name] = moved.movedim(0, dim).to(weight.dtype)
         mean = means.get(name)
-        for j, i, c, _ in merges:
-            source = tensor.index_select(dim, torch.as_tensor(positions[j]))
-            if mean is not None:
-                residual = torch.as_tensor(mean[j] - (c * mean[i] if i >= 0 else 0.0), dtype=torch.float64)
-                along = [1] * tensor.dim()
-                along[dim] = residual.numel()
-                shift += (source.double() * residual.reshape(along)).reshape(tensor.shape[0], -1).sum(1)
-            if i < 0 or c == 0.0:
-                continue
-            target = torch.as_tensor(positions[i])
-            tensor.index_copy_(dim, target, tensor.index_select(dim, target) + c * source)
-        updates[name] = tensor
-        if mean is not None and merges:
-            info = graph.layers[name]
-            if info.bias is not None:
-                updates[info.bias] = table[info.bias].detach() + shift.to(tensor.dtype)
-            else:
-                running = info.batch_norm["mean"]
-                updates[running] = table[running].detach() - shift.to(tensor.dtype)
+        if mean is None:
+            continue
+        residual = torch.as_tensor(mean[removed] - gamma.T @ mean[kept], dtype=torch.float64)
+        residual = residual.reshape(len(removed), -1, *[1] * (lost.dim() - 2))  # per unit, per position or one for all
+        shift = (lost * residual).movedim(2, 0).reshape(lost.shape[2], -1).sum(1)  # dim 2: the consumer's outputs
+        info = graph.layers[name]
+        if info.bias is not None:
+            updates[info.bias] = table[info.bias].detach() + shift.to(weight.dtype)
+        else:
+            running = info.batch_norm["mean"]
+            updates[running] = table[running].detach() - shift.to(weight.dtype)
     return updates
 
 
 SURGERY = Method("surgery", "merge near-duplicate units into their most similar survivor (data-free)", kind="structured",
                  select=surgery_select, removal_costs=surgery_removal_costs)
+SURGERY_PAIRWISE = Method("surgery-pairwise", "surgery with the paper's fold only: each removed unit into one survivor",
+                          kind="structured", select=partial(surgery_select, refine=False), removal_costs=surgery_removal_costs)
