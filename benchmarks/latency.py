@@ -4,7 +4,8 @@ Models: the MNIST CNN (batch 64), MobileNetV2 (batch 8, 224 px) and MiniLM (8 se
 structured (channels/neurons physically removed), block-sparse (90 % of the FFN weights in 32x32 blocks,
 run by ``srcompress.kernels.sparsify``; MiniLM only, the layers where block sparsity applies) and INT8
 QDQ ONNX (ONNX Runtime). Runtimes: PyTorch eager and ONNX Runtime CPU. Every figure
-is a ratio of medians of interleaved calls, so machine noise hits dense and compressed alike.
+is a ratio of medians of interleaved calls, so machine noise hits dense and compressed alike; each runtime is
+timed on its own (PyTorch's idle OpenMP threads keep spinning after a call and slowed ONNX Runtime calls between them).
 
     python -m benchmarks.latency [--quick]
 """
@@ -46,8 +47,11 @@ def _ort_call(session, inputs):
 
 def _compare(case: str, forms: dict, repeats: int, quality: dict, extra: dict | None = None) -> list[dict]:
     """Time every form's callables together and return one row per (runtime, form) with the speedup vs dense."""
-    calls = {f"{runtime}:{form}": fn for form, runtimes in forms.items() for runtime, fn in runtimes.items()}
-    medians = interleaved_medians(calls, repeats=repeats)
+    runtimes = sorted({runtime for per_form in forms.values() for runtime in per_form})
+    medians = {}
+    for runtime in runtimes:  # one runtime at a time: PyTorch's idle OpenMP threads spin and would slow ORT calls between them
+        calls = {f"{runtime}:{form}": per_form[runtime] for form, per_form in forms.items() if runtime in per_form}
+        medians.update(interleaved_medians(calls, repeats=repeats))
     rows = []
     for key, seconds in medians.items():
         runtime, form = key.split(":")

@@ -7,7 +7,9 @@ the CPU cut used by CI (under 10 minutes on 2 cores); ``--full`` runs every poin
 
 ``--check`` compares the gated figures with ``benchmarks/baselines/<device>.json`` and exits 1 when a quality
 figure drops more than its absolute tolerance or a speedup falls more than its relative tolerance below the
-baseline. ``--update-baseline`` stores this run's gated figures as the new baseline.
+baseline. A speedup below its floor is measured once more (its suite reruns) and counts at the better of the two
+measurements, since machine noise only ever slows a run. ``--update-baseline`` stores this run's gated figures as
+the new baseline.
 
     python -m benchmarks.run --quick --check          # the CPU gate that .ci/run runs
     python -m benchmarks.run --full --out benchmarks/results/full
@@ -127,9 +129,14 @@ def gated_figures(rows: list[dict], suites: list[str]) -> dict[str, dict]:
     return found
 
 
-def check(rows: list[dict], baseline: dict, suites: list[str], only: str | None = None) -> list[str]:
-    """Failures: gated figures below baseline beyond tolerance, and gated figures this run should have made but did not."""
+def check(rows: list[dict], baseline: dict, suites: list[str], only: str | None = None,
+          remeasured: list[dict] | None = None) -> list[str]:
+    """Failures: gated figures below baseline beyond tolerance, and gated figures this run should have made but did not.
+    A ratio (timing) figure also in ``remeasured`` counts at the better of its two measurements: noise only slows."""
     current = gated_figures(rows, suites)
+    for key, again in gated_figures(remeasured or [], suites).items():
+        if again["kind"] == "ratio" and key in current:
+            current[key]["value"] = max(current[key]["value"], again["value"])
     failures = []
     for key, base in baseline["gates"].items():
         suite, case, metric = key.split("|")
@@ -279,6 +286,17 @@ def update_readme(text: str, out: Path, images: list[str]) -> None:
 
 # ------------------------------------------------------------------ main
 
+def run_suites(suites: list[str], quick: bool, only: str | None, device: str) -> list[dict]:
+    rows = []
+    for suite in suites:
+        began = time.perf_counter()
+        fn = SUITES[suite]
+        produced = fn(quick, only, device) if suite == "kernels" else fn(quick, only)
+        rows += [{"suite": suite, **row} for row in produced]
+        print(f"[run] {suite}: {len(produced)} rows in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -313,15 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.manual_seed(0)
     started = time.perf_counter()
-    rows = []
-    for suite in suites:
-        began = time.perf_counter()
-        fn = SUITES[suite]
-        produced = fn(quick, args.only, args.device) if suite == "kernels" else fn(quick, args.only)
-        rows += [{"suite": suite, **row} for row in produced]
-        print(f"[run] {suite}: {len(produced)} rows in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+    rows = run_suites(suites, quick, args.only, args.device)
     seconds = time.perf_counter() - started
     failures = check(rows, baseline, suites, args.only) if baseline is not None else None
+    slow = sorted({f.split("|")[0] for f in failures or [] if baseline["gates"].get(f.split(":")[0], {}).get("kind") == "ratio"})
+    if slow:
+        print(f"[run] timing figures below their floor; measuring {', '.join(slow)} once more", file=sys.stderr, flush=True)
+        failures = check(rows, baseline, suites, args.only, remeasured=run_suites(slow, quick, args.only, args.device))
     with open(out / "results.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps({**row, "environment": env, "command": command}) + "\n")

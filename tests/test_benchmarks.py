@@ -33,6 +33,18 @@ def test_check_passes_at_baseline_and_fails_below_tolerance():
     assert any("not measured" in f for f in run.check(missing, baseline, suites))
 
 
+def test_a_slow_timing_counts_at_its_better_measurement_and_quality_is_not_remeasured():
+    baseline = json.loads(BASELINE.read_text())
+    suites = list(run.SUITES)
+    ratio = next(k for k, g in baseline["gates"].items() if g["kind"] == "ratio")
+    quality = next(k for k, g in baseline["gates"].items() if g["kind"] == "quality")
+    slow = rows_from(baseline, {ratio: 0.5})
+    assert run.check(slow, baseline, suites, remeasured=rows_from(baseline)) == []
+    assert len(run.check(slow, baseline, suites, remeasured=rows_from(baseline, {ratio: 0.6}))) == 1
+    worse = rows_from(baseline, {quality: 0.9})
+    assert len(run.check(worse, baseline, suites, remeasured=rows_from(baseline))) == 1
+
+
 def test_baseline_covers_every_gate():
     baseline = json.loads(BASELINE.read_text())
     assert {f"{s}|{c}|{m}" for s, gates in run.GATES.items() for c, m, _ in gates} == set(baseline["gates"])

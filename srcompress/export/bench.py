@@ -1,8 +1,9 @@
 """``srcompress bench BUNDLE``: latency of each artifact, dense vs compressed in the same run.
 
 The bundle is verified first (schema, every file's SHA-256). Inputs are the bundle's ``sample_inputs.npz``
-(real rows), cycled to each batch size. Calls are interleaved across artifacts so machine noise hits all of
-them alike; p50/p90/p99 come from ``runs`` timed calls each. The verdict says plainly when the compressed
+(real rows), cycled to each batch size. Calls are interleaved across the artifacts of one runtime so machine
+noise hits all of them alike, one runtime at a time (PyTorch's idle threads keep spinning after a call and slowed
+ONNX Runtime calls made between them); p50/p90/p99 come from ``runs`` timed calls each. The verdict says plainly when the compressed
 model is not faster than the dense baseline on a runtime.
 """
 
@@ -104,8 +105,11 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
     rows = []
     for batch in ui.track(batch_sizes, "benchmarking batch sizes"):
         arrays = _inputs(folder, names, batch)
-        calls = {name: make(arrays) for name, (label, make, artifact) in runners.items()}
-        for name, values in interleaved_times(calls, runs, warmup).items():
+        times = {}
+        for runtime in sorted({label for label, _, _ in runners.values()}):  # PyTorch's idle threads spin and slow ORT
+            calls = {name: make(arrays) for name, (label, make, _) in runners.items() if label == runtime}
+            times.update(interleaved_times(calls, runs, warmup))
+        for name, values in times.items():
             label, _, artifact = runners[name]
             rows.append({"artifact": name, "file": artifact["file"], "runtime": label, "precision": artifact["precision"],
                          "role": artifact["role"], "batch": batch, "runs": runs, "warmup": warmup,
@@ -113,7 +117,7 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
     comparisons, verdicts = _compare(rows)
     result = {"bundle": str(folder), "batch_sizes": batch_sizes, "rows": rows, "skipped": skipped,
               "comparisons": comparisons, "verdict": verdicts,
-              "method": f"calls interleaved across artifacts; {warmup} warm-up and {runs} timed calls each; inputs from "
+              "method": f"calls interleaved across the artifacts of one runtime, one runtime at a time; {warmup} warm-up and {runs} timed calls each; inputs from "
                         "sample_inputs.npz; other processes on the machine add noise"}
     _write(folder, manifest, result)
     return result
