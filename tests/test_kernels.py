@@ -623,20 +623,46 @@ def test_onnx_export_of_sparsified_model_matches(tmp_path, dynamo):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_COMPILED, reason="needs CUDA and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_gpu_compiled_matches_reference(dtype, monkeypatch, tmp_path):
-    monkeypatch.setenv("SRCOMPRESS_CACHE_DIR", str(tmp_path))
+def test_gpu_compiled_matches_reference(dtype, monkeypatch):
+    """Every block shape on real layer sizes, GEMV and tile paths, split-K reduced both ways, with the heuristic
+    launch config (each tuning candidate is checked in the next test), so the sweep compiles each variant once."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for block in ((16, 16), (32, 32), (64, 64), (64, 16)):
         for n, k in ((4096, 4096), (1536, 384), (11008, 4096)):
-            bsr = to_block_sparse(block_sparse(n, k, block, 0.1, dtype=dtype).cuda(), block)
-            weight = bsr.to_dense().cpu()
+            weight = block_sparse(n, k, block, 0.1, dtype=dtype).cuda()
+            bsr = to_block_sparse(weight, block)
             bias = torch.randn(n, dtype=dtype, device="cuda")
             for m in (1, 7, 16, 100, 1024):
                 x = inputs(m, k, dtype=dtype).cuda()
-                ref = reference(x.cpu(), weight, bias.cpu(), "gelu")
+                ref = reference(x, weight, bias, "gelu")
                 for deterministic in (True, False):
-                    y = bsr_linear(x, bsr, bias, "gelu", deterministic=deterministic)
-                    assert_close(y.cpu(), ref, dtype)
+                    y = bsr_linear(x, bsr, bias, "gelu", deterministic=deterministic, autotune=False)
+                    assert_close(y, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_COMPILED, reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("m", [7, 100], ids=["gemv", "tile"])
+def test_gpu_every_tuning_candidate_is_correct(m):
+    from triton.runtime.errors import OutOfResources
+
+    block, (n, k), dtype = (32, 32), (1536, 384), torch.bfloat16
+    weight = block_sparse(n, k, block, 0.3, dtype=dtype).cuda()
+    bsr = to_block_sparse(weight, block)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    x = inputs(m, k, dtype=dtype).cuda()
+    ref = reference(x, weight, bias, "relu")
+    configs = autotune.candidates(m, bsr, torch.cuda.get_device_properties(0).multi_processor_count)
+    ran = 0
+    for config in configs:
+        for deterministic in (True, False):
+            try:
+                y = bsr_linear(x, bsr, bias, "relu", config=config, deterministic=deterministic)
+            except OutOfResources:  # the tuner skips these too
+                continue
+            assert_close(y, ref, dtype)
+            ran += 1
+    assert ran > len(configs)  # most candidates fit
 
 
 @pytest.mark.gpu

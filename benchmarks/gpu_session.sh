@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in order of value: host overhead per call, compiled-kernel tests, the acceptance
+# cases, a short sweep. Usage (repository root, CUDA machine with torch + triton):
+#   OUT=folder bash benchmarks/gpu_session.sh [overhead] [tests] [quick] [sweep]     (default: all four)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 SRCOMPRESS_CACHE_DIR="${TMPDIR:-/tmp}/srcompress-cache" PYTHONPATH="$PWD"
+steps="${*:-overhead tests quick sweep}"
+mkdir -p "$OUT"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if [[ $steps == *overhead* ]]; then
+timeout 90 python3 - <<'PY' 2>&1 | tee "$OUT/overhead.log"
+# Microseconds of host time per call (GPU work is smaller, so the loop is host-bound): where eager time goes.
+import time, torch, torch.nn.functional as F
+from srcompress.kernels import to_block_sparse, autotune
+from srcompress.kernels.triton_bsr import bsr_linear, launch, _check
+gen = torch.Generator().manual_seed(0)
+keep = (torch.rand(64, 64, generator=gen) < 0.1).repeat_interleave(64, 0).repeat_interleave(64, 1)
+dense = (torch.randn(4096, 4096, generator=gen) / 64).to(torch.bfloat16).cuda()
+bsr = to_block_sparse(dense * keep.cuda(), (64, 64))
+for m in (1, 4096):
+    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(m, 4096, dtype=torch.bfloat16, device="cuda")
+    bsr_linear(x, bsr)
+    config = autotune.choose_config(x, bsr, None, None, True, True)
+    def per_call(fn, n=1000):
+        for _ in range(20): fn()
+        torch.cuda.synchronize(); start = time.perf_counter()
+        for _ in range(n): fn()
+        torch.cuda.synchronize(); return round((time.perf_counter() - start) / n * 1e6, 1)
+    print(f"M={m} {config}")
+    for name, fn in (("bsr_linear", lambda: bsr_linear(x, bsr)), ("_check", lambda: _check(x, bsr, None, None, None)),
+                     ("choose_config", lambda: autotune.choose_config(x, bsr, None, None, True, True)),
+                     ("launch", lambda: launch(x, bsr, None, None, config, True, y)), ("F.linear dense", lambda: F.linear(x, dense))):
+        print(f"  {name}: {per_call(fn)} us/call")
+PY
+fi
+if [[ $steps == *tests* ]]; then
+timeout 250 python3 -m pytest -v -m gpu tests/test_kernels.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+if [[ $steps == *quick* ]]; then
+mkdir -p "$OUT/quick"
+timeout 150 python3 benchmarks/kernels.py --quick --out "$OUT/quick" 2>&1 | tee "$OUT/quick.log" | tail -20
+fi
+if [[ $steps == *sweep* ]]; then
+mkdir -p "$OUT/sweep"
+timeout 150 python3 benchmarks/kernels.py --out "$OUT/sweep" --shapes square-4096 llama2-7b-up minilm-ffn-in \
+    --tokens 1 16 256 4096 --densities 0.1 0.3 --blocks 64x64 32x32 --dtypes bfloat16 2>&1 | tee "$OUT/sweep.log" | tail -5
+fi
