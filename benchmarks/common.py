@@ -29,11 +29,13 @@ def environment() -> dict:
     return info
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3,
+                        group_of: Callable[[str], str] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved (within each group) so noise hits all alike."""
     from srcompress.export.bench import interleaved_times
 
-    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats, warmup).items()}
+    times = interleaved_times(functions, repeats, warmup, group_of)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def onnx_file(model: torch.nn.Module, inputs: tuple, folder: str | None = None) -> Path:

@@ -47,11 +47,8 @@ def _ort_call(session, inputs):
 
 def _compare(case: str, forms: dict, repeats: int, quality: dict, extra: dict | None = None) -> list[dict]:
     """Time every form's callables together and return one row per (runtime, form) with the speedup vs dense."""
-    runtimes = sorted({runtime for per_form in forms.values() for runtime in per_form})
-    medians = {}
-    for runtime in runtimes:  # one runtime at a time: PyTorch's idle OpenMP threads spin and would slow ORT calls between them
-        calls = {f"{runtime}:{form}": per_form[runtime] for form, per_form in forms.items() if runtime in per_form}
-        medians.update(interleaved_medians(calls, repeats=repeats))
+    calls = {f"{runtime}:{form}": fn for form, runtimes in forms.items() for runtime, fn in runtimes.items()}
+    medians = interleaved_medians(calls, repeats=repeats, group_of=lambda key: key.split(":")[0])
     rows = []
     for key, seconds in medians.items():
         runtime, form = key.split(":")

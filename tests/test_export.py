@@ -425,3 +425,18 @@ def test_int8_fp32_fallback_keeps_the_most_sensitive_layers_fp32(tmp_path):
     assert strict["fp32_layers"] == ranked[:len(strict["fp32_layers"])] and len(strict["fp32_layers"]) >= 1
     errors = strict["fp32_layer_search"]["error_by_fp32_layers"]
     assert strict["calibration_output_error"] <= plain["calibration_output_error"] / 4 or errors[len(strict["fp32_layers"])] == min(errors.values())
+
+
+def test_interleaved_times_keeps_each_runtime_apart():
+    from srcompress.export.bench import interleaved_times
+
+    order = []
+    calls = {name: (lambda n=name: order.append(n)) for name in ("torch:dense", "ort:dense", "torch:pruned", "ort:pruned")}
+    times = interleaved_times(calls, runs=3, warmup=1, group_of=lambda name: name.split(":")[0])
+    assert {name: len(values) for name, values in times.items()} == dict.fromkeys(calls, 3)
+    runtimes = [name.split(":")[0] for name in order]
+    assert runtimes == ["torch"] * 8 + ["ort"] * 8  # one runtime's warm-up and timed calls, then the other's
+    assert order[2:8] == ["torch:dense", "torch:pruned"] * 3  # interleaved within a runtime
+    mixed = []
+    interleaved_times({n: (lambda n=n: mixed.append(n)) for n in calls}, runs=1, warmup=0)
+    assert mixed == list(calls)  # without groups every call takes its turn

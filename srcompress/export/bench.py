@@ -2,8 +2,7 @@
 
 The bundle is verified first (schema, every file's SHA-256). Inputs are the bundle's ``sample_inputs.npz``
 (real rows), cycled to each batch size. Calls are interleaved across the artifacts of one runtime so machine
-noise hits all of them alike, one runtime at a time (PyTorch's idle threads keep spinning after a call and slowed
-ONNX Runtime calls made between them); p50/p90/p99 come from ``runs`` timed calls each. The verdict says plainly when the compressed
+noise hits all of them alike, one runtime at a time; p50/p90/p99 come from ``runs`` timed calls each. The verdict says plainly when the compressed
 model is not faster than the dense baseline on a runtime.
 """
 
@@ -69,17 +68,26 @@ def _runner(folder: Path, artifact: dict, names: list[str], threads: int | None)
     return None, f"unknown runtime {runtime}"
 
 
-def interleaved_times(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``runs`` times, calls interleaved so machine noise hits all alike."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
+def interleaved_times(calls: dict[str, Callable[[], object]], runs: int, warmup: int,
+                      group_of: Callable[[str], str] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``runs`` times, calls interleaved so machine noise hits all alike.
+
+    With ``group_of`` (name -> runtime) only calls of one group are interleaved, groups one after another:
+    PyTorch's idle OpenMP threads keep spinning after a call and slowed ONNX Runtime calls made between them.
+    """
+    groups: dict[str, dict[str, Callable[[], object]]] = {}
+    for name, call in calls.items():
+        groups.setdefault(group_of(name) if group_of else "", {})[name] = call
     times = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    for group in groups.values():
+        for call in group.values():
+            for _ in range(warmup):
+                call()
+        for _ in range(runs):
+            for name, call in group.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -105,11 +113,8 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
     rows = []
     for batch in ui.track(batch_sizes, "benchmarking batch sizes"):
         arrays = _inputs(folder, names, batch)
-        times = {}
-        for runtime in sorted({label for label, _, _ in runners.values()}):  # PyTorch's idle threads spin and slow ORT
-            calls = {name: make(arrays) for name, (label, make, _) in runners.items() if label == runtime}
-            times.update(interleaved_times(calls, runs, warmup))
-        for name, values in times.items():
+        calls = {name: make(arrays) for name, (label, make, artifact) in runners.items()}
+        for name, values in interleaved_times(calls, runs, warmup, group_of=lambda name: runners[name][0]).items():
             label, _, artifact = runners[name]
             rows.append({"artifact": name, "file": artifact["file"], "runtime": label, "precision": artifact["precision"],
                          "role": artifact["role"], "batch": batch, "runs": runs, "warmup": warmup,
