@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order of value: host overhead per call, compiled-kernel tests, the acceptance
-# cases, a short sweep. Usage (repository root, CUDA machine with torch + triton):
-#   OUT=folder bash benchmarks/gpu_session.sh [overhead] [tests] [quick] [sweep]     (default: all four)
+# cases, a short sweep; on request also the tuning-timer comparison and the GPU gate baseline. Usage (repository
+# root, CUDA machine with torch + triton):
+#   OUT=folder bash benchmarks/gpu_session.sh [overhead] [tests] [quick] [sweep] [graphtune] [baseline]
+# (default: the first four). graphtune: does timing the small-M tuning candidates inside a CUDA graph pick a
+# faster config for graph replay than the eager do_bench the tuner uses? baseline: writes $OUT/cuda.json, to be
+# copied to benchmarks/baselines/cuda.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 SRCOMPRESS_CACHE_DIR="${TMPDIR:-/tmp}/srcompress-cache" PYTHONPATH="$PWD"
 steps="${*:-overhead tests quick sweep}"
@@ -45,4 +49,37 @@ if [[ $steps == *sweep* ]]; then
 mkdir -p "$OUT/sweep"
 timeout 150 python3 benchmarks/kernels.py --out "$OUT/sweep" --shapes square-4096 llama2-7b-up minilm-ffn-in \
     --tokens 1 16 256 4096 --densities 0.1 0.3 --blocks 64x64 32x32 --dtypes bfloat16 2>&1 | tee "$OUT/sweep.log" | tail -5
+fi
+if [[ $steps == *graphtune* ]]; then
+timeout 240 python3 - <<'PY' 2>&1 | tee "$OUT/graphtune.log"
+# Per small-M case: the config eager timing picks vs the one graph timing picks, both replayed in a CUDA graph.
+import torch, triton.testing as tt
+from srcompress.kernels import to_block_sparse, autotune
+from srcompress.kernels.triton_bsr import launch
+from triton.runtime.errors import OutOfResources
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+gen = torch.Generator().manual_seed(0)
+for n, k in ((4096, 4096), (11008, 4096)):
+    keep = (torch.rand(n // 64, k // 64, generator=gen) < 0.1).repeat_interleave(64, 0).repeat_interleave(64, 1)
+    bsr = to_block_sparse(((torch.randn(n, k, generator=gen) / 64) * keep).to(torch.bfloat16).cuda(), (64, 64))
+    for m in (1, 16):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        timed = []
+        for config in autotune.candidates(m, bsr, sms):
+            run = lambda c=config: launch(x, bsr, None, None, c, True, y)
+            try:
+                run()
+                timed.append((tt.do_bench(run, warmup=5, rep=20, return_mode="median"), tt.do_bench_cudagraph(run, rep=50), config))
+            except OutOfResources:
+                continue
+        eager_pick, graph_pick = min(timed, key=lambda t: t[0]), min(timed, key=lambda t: t[1])
+        print(f"{n}x{k} M={m}: {len(timed)} candidates; eager-timed pick {eager_pick[2]} replays in {eager_pick[1] * 1e3:.1f} us;"
+              f" graph-timed pick {graph_pick[2]} replays in {graph_pick[1] * 1e3:.1f} us"
+              f" (eager {graph_pick[0] * 1e3:.1f} us vs {eager_pick[0] * 1e3:.1f} us)", flush=True)
+PY
+fi
+if [[ $steps == *baseline* ]]; then
+timeout 300 python3 -m benchmarks.run --quick --device cuda --suite kernels --no-plots --out "$OUT/baseline" \
+    --baseline "$OUT/cuda.json" --update-baseline 2>&1 | tail -25 | tee "$OUT/baseline.log"
 fi

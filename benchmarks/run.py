@@ -45,7 +45,9 @@ GATES = {
                 ("mnist_cnn/surgery/conv/0.5", "accuracy", "quality")],
     "sparse_training": [("digit_cnn/cyclical/unstructured/0.9", "accuracy", "quality"),
                         ("digit_cnn/gmp/unstructured/0.9", "accuracy", "quality")],
-    "kernels": [("cpu/16x16/M1", "speedup", "ratio")],
+    "kernels": [("cpu/16x16/M1", "speedup", "ratio"),
+                ("cuda/bsr/square-4096/64x64/d0.1/M4096/bfloat16", "speedup_vs_dense", "ratio"),
+                ("cuda/bsr/square-4096/64x64/d0.1/M1/bfloat16/graph", "speedup_vs_dense", "ratio")],
     "latency": [("mnist_cnn/structured/ort", "speedup", "ratio"), ("mnist_cnn/structured/ort", "accuracy", "quality"),
                 ("mobilenet_v2/structured/ort", "speedup", "ratio"), ("minilm/structured/torch", "speedup", "ratio")],
 }
@@ -101,9 +103,16 @@ def kernels_suite(quick: bool, only: str | None, device: str = "cpu") -> list[di
     if device == "cuda":
         args = argparse.Namespace(quick=quick, tune_torch=quick, shapes=list(kernels.GPU_SHAPES), tokens=list(kernels.GPU_TOKENS),
                                   densities=list(kernels.GPU_DENSITIES), blocks=list(kernels.GPU_BLOCKS), dtypes=list(kernels.GPU_DTYPES))
-        rows = kernels.gpu_run(args)
-        return [{**r, "case": f"cuda/{r.get('kernel', '')}/{r.get('shape')}/{r.get('block')}/{r.get('M')}/{r.get('dtype')}"} for r in rows]
+        return [{**r, "case": gpu_kernel_case(r)} for r in kernels.gpu_run(args)]
     return [{**r, "case": f"cpu/{r['block'][0]}x{r['block'][1]}/M{r['M']}"} for r in kernels.cpu_run(quick)]
+
+
+def gpu_kernel_case(row: dict) -> str:
+    """Gate key of one GPU sweep row, e.g. ``cuda/bsr/square-4096/64x64/d0.1/M1/bfloat16/graph``."""
+    kernel = {"srcompress bsr_linear": "bsr", "dense F.linear": "dense"}.get(row["kernel"], row["kernel"])
+    block = f"/{row['block'][0]}x{row['block'][1]}" if "block" in row else ""
+    density = f"/d{row['density']}" if "density" in row else ""
+    return f"cuda/{kernel}/{row['shape_name']}{block}{density}/M{row['M']}/{row['dtype']}{'/graph' if row.get('cuda_graph') else ''}"
 
 
 def latency_suite(quick: bool, only: str | None) -> list[dict]:
@@ -190,11 +199,19 @@ def summary(rows: list[dict], env: dict, command: str, failures: list[str] | Non
         lines += [f"| {r['model']} | {r['method']} | {r.get('pattern', '')} | {r.get('sparsity', 0):.0%} | {r['accuracy']:.4f} | "
                   f"{r.get('epochs', '')} |" for r in by_suite["sparse_training"]]
         parts += ["## Sparse training on MNIST-5k", "\n".join(lines)]
-    if by_suite["kernels"]:
+    cpu_kernels = [r for r in by_suite["kernels"] if not r["case"].startswith("cuda/")]
+    gpu_kernels = [r for r in by_suite["kernels"] if r["case"].startswith("cuda/")]
+    if cpu_kernels:
         lines = ["| case | dense (ms) | block-sparse (ms) | speedup | other CPUs busy |", "|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r.get('dense_ms', '')} | {r.get('sparse_ms', '')} | {r.get('speedup', '')}x | "
-                  f"{r.get('other_processes_cpus', '')} |" for r in by_suite["kernels"]]
+                  f"{r.get('other_processes_cpus', '')} |" for r in cpu_kernels]
         parts += ["## Block-sparse Linear (90 % of 4096x4096 in blocks) vs dense", "\n".join(lines)]
+    if gpu_kernels:
+        lines = ["| case | kernel | median (us) | vs dense |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['kernel']} | {r.get('median_us', r.get('error', ''))} | "
+                  f"{r['speedup_vs_dense']}x |" if "speedup_vs_dense" in r else
+                  f"| {r['case']} | {r['kernel']} | {r.get('median_us', r.get('error', ''))} | |" for r in gpu_kernels]
+        parts += ["## Block-sparse Linear on GPU (4096x4096, density 0.1, 64x64 blocks)", "\n".join(lines)]
     if by_suite["latency"]:
         parts += ["## End-to-end latency, dense vs compressed (same run)", latency.markdown(by_suite["latency"])]
     if failures is not None:
