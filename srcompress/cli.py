@@ -77,7 +77,8 @@ def main() -> None:
 @click.option("--method", default="magnitude", show_default=True,
               help="magnitude or random (masks); l1 (also 'magnitude'), random, surgery or surgery-pairwise (data-free) remove units and imply --structured.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
-              help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks, layer for --structured.")
+              help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks and surgery, "
+                   "layer for other structured methods.")
 @click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer (or channel group) always kept.")
 @click.option("--round-to", type=int, default=None, help="With --structured: kept channels per group rounded to a multiple of N.")
 @click.option("--hardware", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -111,6 +112,7 @@ def prune(model_path, sparsity, pattern, structured, target, method, scope, min_
         if method in METHODS and get_method(method).kind == "structured":
             structured = True
         if structured:
+            scope = scope or get_method(method, structured=True).default_scope
             spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed,
                                     saliency_threshold)
         else:

@@ -223,12 +223,14 @@ def test_global_allocation_takes_the_cheapest_merges_network_wide(cli, tmp_path,
     assert [row["units_after"] for row in report.groups if row["units_before"] == 8] == [5, 8]
     torch.testing.assert_close(model(x).detach(), reference, rtol=1e-5, atol=1e-5)
 
-    out = tmp_path / "cnn.pt"
-    result = cli("prune", "--method", "surgery", "--structured", "--sparsity", "0.5", "--scope", "global",
-                 model_files["cnn"], "-o", out, "--json")
-    assert result.exit_code == 0, result.stderr
-    widths = {row["name"]: row["units_after"] / row["units_before"] for row in result.json["groups"] if "info" in row}
-    assert abs(result.json["reached"]["channels"] - 0.5) < 0.01 and len(set(widths.values())) > 1  # not uniform
+    for scope in ([], ["--scope", "global"], ["--scope", "layer"]):  # the CLI's default for surgery is global
+        out = tmp_path / f"cnn{len(scope)}{scope[-1] if scope else ''}.pt"
+        result = cli("prune", "--method", "surgery", "--structured", "--sparsity", "0.5", *scope, model_files["cnn"], "-o", out,
+                     "--json")
+        assert result.exit_code == 0, result.stderr
+        widths = {row["name"]: row["units_after"] / row["units_before"] for row in result.json["groups"] if "info" in row}
+        assert abs(result.json["reached"]["channels"] - 0.5) < 0.01
+        assert (len(set(widths.values())) > 1) == (scope != ["--scope", "layer"])  # global: not uniform
 
 
 def _batchnorm_mlp(seed: int) -> nn.Sequential:

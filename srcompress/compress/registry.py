@@ -39,6 +39,7 @@ class Method:
     unit_score: Callable[..., Any] | None = None
     select: Callable[..., Any] | None = None
     removal_costs: Callable[..., Any] | None = None
+    default_scope: str = "layer"  # the CLI's --scope when none is given: "layer" (uniform) or "global"
 
 
 STRUCTURED_ALIASES = {"magnitude": "l1", "random": "random-channels"}

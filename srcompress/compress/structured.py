@@ -44,7 +44,7 @@ class StructuredSpec:
         if self.target not in ("channels", "params", "flops"):
             raise SrcompressError(f"unknown target {self.target!r}", "use --target channels:F, params:F or flops:F")
         if self.allocation not in ("uniform", "global"):
-            raise SrcompressError(f"unknown allocation {self.allocation!r}", "use --allocation uniform or global")
+            raise SrcompressError(f"unknown allocation {self.allocation!r}", "use allocation 'uniform' or 'global' (--scope layer or global)")
         if self.round_to is not None and self.round_to < 1:
             raise SrcompressError(f"--round-to {self.round_to} must be positive", "use e.g. --round-to 8")
 
@@ -259,7 +259,8 @@ def allocate(graph: Graph, groups: list[ChannelGroup], spec: StructuredSpec, flo
         return {g.index: _bounds(g, spec)[0] for g in groups}
     if spec.allocation == "global":
         if scores is None:
-            raise SrcompressError("global allocation needs a method that scores units", "use --allocation uniform with this method")
+            raise SrcompressError("global allocation needs a method that scores units",
+                                  "use --scope layer (allocation='uniform') with this method")
         counts = _global_counts(graph, groups, spec, flops, scores, comparable)
     else:
         counts = _uniform_counts(graph, groups, spec, flops)
