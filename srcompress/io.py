@@ -91,6 +91,13 @@ def _archive_kind(path: Path) -> str:
     return "other"
 
 
+def _starts_like_model(path: Path) -> bool:
+    """True if the file begins like a zip archive (perhaps a truncated one) or a pickle (the legacy torch.save format)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
+
+
 def _corrupt(path: Path, err: Exception) -> SrcompressError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return SrcompressError(
@@ -184,6 +191,9 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle
             raise SrcompressError(f"{path} holds only weights (a state dict)", "pass --arch module:callable that builds the model")
         return LoadedModel(_build_from_state_dict(state, arch, path), "state_dict", path, digest)
 
+    if kind == "other" and not _starts_like_model(path):
+        raise SrcompressError(f"{path} is not a model file (no torch.save or torch.export archive, safetensors or pickle inside)",
+                              "give a file written by torch.save, torch.export.save or safetensors")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -48,11 +48,20 @@ def test_not_a_model(cli, tmp_path):
     assert_clean_failure(result, out, "not a model", inputs=[(path, sha256(path))])
 
 
-def test_text_file_is_reported_as_corrupt(cli, tmp_path):
+def test_text_file_is_reported_as_not_a_model_file(cli, tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("this is not a model\n")
     out = tmp_path / "out.pt"
-    assert_clean_failure(cli("prune", "--sparsity", "0.5", path, "-o", out), out, "corrupt or truncated", inputs=[(path, sha256(path))])
+    assert_clean_failure(cli("prune", "--sparsity", "0.5", path, "-o", out), out, "is not a model file (no torch.save",
+                         inputs=[(path, sha256(path))])
+
+
+def test_legacy_pickle_format_still_loads(cli, tmp_path, model_files):
+    """The pre-zip torch.save format starts with a pickle marker, not an archive header, and is still read."""
+    path = tmp_path / "legacy.pt"
+    torch.save(torch.load(model_files["cnn"], weights_only=False), path, _use_new_zipfile_serialization=False)
+    result = cli("prune", "--sparsity", "0.5", path, "-o", tmp_path / "out.pt", "--trust-pickle", "--quiet")
+    assert result.exit_code == 0, result.stderr
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
