@@ -241,7 +241,10 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     if not report.ok:
         from .errors import TargetNotMet
 
-        err = TargetNotMet(report.problem, "nothing was written; adjust --sparsity, --min-density or --exclude")
+        threshold = structured and spec.stop_threshold is not None
+        err = TargetNotMet(report.problem, "nothing was written; " + ("raise --saliency-threshold (the JSON report has each group's "
+                                                                      "saliency curve)" if threshold else
+                                                                      "adjust --sparsity, --min-density or --exclude"))
         err.reported = True  # the JSON report already says ok: false
         raise err
 

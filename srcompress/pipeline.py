@@ -226,11 +226,13 @@ def _judge_structured(report: StructuredReport, groups, spec: StructuredSpec) ->
         return  # the saliency threshold, not an amount, decided how much went
     if not groups:
         report.ok, report.problem = False, "no channel group can be pruned (see the unplaced layers)"
+    elif not report.changed_tensors and spec.stop_threshold is not None:
+        report.ok, report.problem = False, f"nothing changed: no merge costs less than the saliency threshold {spec.stop_threshold:g}"
     elif not report.changed_tensors:
         report.ok, report.problem = False, "nothing changed: no unit was removed"
     elif spec.target == "channels" and abs(reached - spec.amount) > report.tolerance + 1e-9:
         report.ok, report.problem = False, (f"removed {reached:.2%} of units, not {spec.amount:.2%}: the per-group floor "
-                                            f"(--min-keep) or --round-to stops it")
+                                            f"(--min-density) or --round-to stops it")
     elif spec.target != "channels" and reached + 1e-9 < spec.amount:
         report.ok, report.problem = False, f"removed {reached:.2%} of {spec.target}, short of {spec.amount:.2%}: floors or rounding stop it"
 

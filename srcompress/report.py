@@ -223,8 +223,9 @@ def sparkline(values: list[float], width: int = 24) -> str:
 
 def render_structured(console: Console, report: StructuredReport) -> None:
     req = report.request
-    table = Table(title=f"srcompress prune --structured: {req['method']}, {req['amount']:.0%} of {req['target']} "
-                        f"({req['allocation']} allocation)")
+    asked = (f"saliency threshold {req['stop_threshold']:g}" if req.get("stop_threshold") is not None else
+             f"{req['amount']:.0%} of {req['target']} ({req['allocation']} allocation)")
+    table = Table(title=f"srcompress prune --structured: {req['method']}, {asked}")
     curves = any("saliency_curve" in row.get("info", {}) for row in report.groups)
     objectives = any("objective" in row.get("info", {}) for row in report.groups)
     columns = [("group", "left"), ("kind", "left"), ("units", "right"), ("width", "right")]

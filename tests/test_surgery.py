@@ -135,6 +135,14 @@ def test_saliency_curve_and_threshold_stop(cli, tmp_path, model_files):
     assert result.json["reached"]["channels"] > 0
 
 
+def test_a_threshold_below_every_merge_fails_and_says_so(cli, tmp_path, model_files):
+    out = tmp_path / "cnn.pt"
+    result = cli("prune", "--method", "surgery", "--saliency-threshold", "0", model_files["cnn"], "-o", out)
+    assert result.exit_code == 3 and not out.exists()
+    assert "no merge costs less than the saliency threshold 0" in result.stderr and "raise --saliency-threshold" in result.stderr
+    assert "surgery, saliency threshold 0" in result.output  # the table's title names what was asked
+
+
 def test_surgery_needs_no_data_and_beats_l1_on_mnist_fc(cli, tmp_path, model_files):
     """`prune --method surgery` takes no data; on the pretrained CNN's FC layer it keeps the function closer."""
     x, _ = assets.mnist5k("test")
