@@ -158,6 +158,8 @@ def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, ha
             amount = float(value)
         except ValueError:
             raise SrcompressError(f"--target {target!r} is not KIND:FRACTION", "e.g. --target flops:0.5 or params:0.3") from None
+        if not 0 <= amount < 1:
+            raise SrcompressError(f"--target {target}: the fraction {amount:g} is outside [0, 1)", f"e.g. --target {kind}:0.5")
     if amount is None and threshold is None:
         raise SrcompressError("--sparsity (fraction of channels) or --target is required", "pass e.g. --sparsity 0.5")
     if round_to is None and hardware == "gpu":
@@ -241,10 +243,13 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     if not report.ok:
         from .errors import TargetNotMet
 
-        threshold = structured and spec.stop_threshold is not None
-        err = TargetNotMet(report.problem, "nothing was written; " + ("raise --saliency-threshold (the JSON report has each group's "
-                                                                      "saliency curve)" if threshold else
-                                                                      "adjust --sparsity, --min-density or --exclude"))
+        if structured and spec.stop_threshold is not None:
+            fix = "raise --saliency-threshold (the JSON report has each group's saliency curve)"
+        elif "not divisible" in report.problem:
+            fix = "pick a --pattern whose block divides the layer shapes listed"
+        else:
+            fix = "adjust --sparsity, --min-density or --exclude"
+        err = TargetNotMet(report.problem, f"nothing was written; {fix}")
         err.reported = True  # the JSON report already says ok: false
         raise err
 

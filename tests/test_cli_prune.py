@@ -89,6 +89,16 @@ def test_no_op_is_an_error(cli, tmp_path, model_files):
     result = cli("prune", "--sparsity", "0.5", model_files["cnn"], "--exclude", "*", "-o", out, "--json")
     assert result.exit_code == 3 and not result.json["ok"] and "no layer could be pruned" in result.stderr
     assert not out.exists()
+    result = cli("prune", "--sparsity", "0.5", "--pattern", "block:7x7", model_files["cnn"], "-o", out)
+    assert result.exit_code == 3 and "not divisible by 7x7" in result.stderr and "pick a --pattern whose block divides" in result.stderr
+    assert not out.exists()
+
+
+def test_a_structured_target_outside_0_1_names_the_target(cli, tmp_path, model_files):
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--structured", "--target", "flops:2", model_files["cnn"], "-o", out)
+    assert result.exit_code == 2 and "--target flops:2: the fraction 2 is outside [0, 1)" in result.stderr
+    assert "e.g. --target flops:0.5" in result.stderr and not out.exists()
 
 
 def test_target_missed_is_an_error(cli, tmp_path, model_files):
