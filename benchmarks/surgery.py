@@ -22,6 +22,11 @@ not data-free; it shows how much of the gap to dense is left by the data-free es
 merging itself.
 
     python -m benchmarks.surgery [--quick]
+    python -m benchmarks.surgery --diagnostics   # results/surgery_diagnostics.md
+
+``--diagnostics`` shows where surgery loses and why its CLI default is ``--scope global``: each MobileNetV2 channel
+group pruned alone by 25 % (surgery against L1), and surgery under both scopes on MiniLM at equal parameter
+counts (mean cosine of sentence embeddings to dense).
 """
 
 from __future__ import annotations
@@ -222,6 +227,67 @@ def widest_group_seconds() -> dict:
     return {"group": group.name, "units": group.size, "seconds": time.perf_counter() - start}
 
 
+def _agreement_kl(model, images, reference) -> tuple[float, float]:
+    _, agrees, kl = _per_image(model, images, reference)
+    return float(agrees.mean()), float(kl.mean())
+
+
+def mobilenet_per_group(amount: float = 0.25) -> list[dict]:
+    """Each channel group of MobileNetV2 pruned alone by ``amount`` (all others kept), surgery against L1."""
+    dense = assets.pretrained_mobilenet_v2()
+    images = assets.image_crops("test", 144)
+    with torch.no_grad():
+        reference = dense(images).log_softmax(-1)
+    graph = build_graph(dense, (images[:1],))
+    names = [g.name for g in graph.groups]
+    rows = []
+    for group in graph.groups:
+        row = {"group": group.name, "units": group.size, "producers": len(group.producers),
+               "mode": activation_mode(graph, group)}
+        for method in ("surgery", "l1"):
+            spec = StructuredSpec(amount, exclude=tuple(n for n in names if n != group.name))
+            model, _ = _prune(dense, (images[:1],), spec, method)
+            row[f"{method}_agreement"], row[f"{method}_kl"] = _agreement_kl(model, images, reference)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def minilm_scopes() -> list[dict]:
+    """Surgery on MiniLM under each scope, at the same fraction of units and at the same parameter count."""
+    st = assets.minilm()
+    dense = st[0].auto_model.eval()
+    tokens = assets.minilm_tokens(st, assets.sentences("test"))
+    reference = assets.minilm_embed(dense, tokens)
+    inputs = (tokens["input_ids"][:2, :16],)
+    rows = []
+    for target, amount in (("channels", 0.25), ("params", 0.117), ("channels", 0.5), ("params", 0.234)):
+        for allocation in ("uniform", "global"):
+            model, report = _prune(dense, inputs, StructuredSpec(amount, target, allocation=allocation), "surgery")
+            cosine = (assets.minilm_embed(model, tokens) * reference).sum(-1)
+            heads = [(g["units_after"], g["units_before"]) for g in report.groups if g["kind"] == "heads"]
+            rows.append({"target": target, "amount": amount, "scope": "layer" if allocation == "uniform" else "global",
+                         "mean_cosine": float(cosine.mean()), "params_removed": 1 - report.after["params"] / report.before["params"],
+                         "heads_kept": sum(k for k, _ in heads), "heads": sum(n for _, n in heads)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def diagnostics() -> None:
+    groups, scopes = mobilenet_per_group(), minilm_scopes()
+    lines = ["### MobileNetV2: each channel group pruned alone by 25 % (144 crops; agreement / KL against dense)", "",
+             "| group | units | producers | mode | surgery agreement | surgery KL | L1 agreement | L1 KL |", "|---" * 8 + "|"]
+    lines += [f"| {r['group']} | {r['units']} | {r['producers']} | {r['mode']} | {r['surgery_agreement']:.3f} | {r['surgery_kl']:.3f} | "
+              f"{r['l1_agreement']:.3f} | {r['l1_kl']:.3f} |" for r in groups]
+    lines += ["", "### MiniLM: surgery under each scope (mean cosine of sentence embeddings to dense)", "",
+              "| target | scope | mean cosine | params removed | attention heads kept |", "|---|---|---|---|---|"]
+    lines += [f"| {r['target']} {r['amount']:g} | {r['scope']} | {r['mean_cosine']:.4f} | {r['params_removed']:.1%} | {r['heads_kept']} of {r['heads']} |"
+              for r in scopes]
+    md = "\n".join(lines)
+    print(md)
+    write_results("surgery_diagnostics", {"mobilenet_per_group": groups, "minilm_scopes": scopes}, md)
+
+
 def _table(rows, metrics) -> str:
     lines = ["| setting | removed | method | " + " | ".join(metrics) + " | params removed | vs L1: only this right / only L1 "
              "right (sign-test p), KL lower on |", "|---" * (len(metrics) + 5) + "|"]
@@ -237,7 +303,11 @@ def _table(rows, metrics) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer points and crops (CI)")
+    parser.add_argument("--diagnostics", action="store_true", help="per-group fragility on MobileNetV2 and scopes on MiniLM only")
     args = parser.parse_args()
+    if args.diagnostics:
+        diagnostics()
+        return
     mnist_rows, mobilenet_rows, timing = mnist(args.quick), mobilenet(args.quick), widest_group_seconds()
     md = "\n\n".join([
         "### MNIST CNN (accuracy on all 5,000 MNIST-5k digits; KL from dense)", _table(mnist_rows, ["accuracy", "kl"]),
