@@ -254,22 +254,29 @@ def mobilenet_per_group(amount: float = 0.25) -> list[dict]:
 
 
 def minilm_scopes() -> list[dict]:
-    """Surgery on MiniLM under each scope, at the same fraction of units and at the same parameter count."""
+    """Surgery on MiniLM under each scope, at the same fraction of units, and globally at the parameter count the
+    layer scope removed."""
     st = assets.minilm()
     dense = st[0].auto_model.eval()
     tokens = assets.minilm_tokens(st, assets.sentences("test"))
     reference = assets.minilm_embed(dense, tokens)
     inputs = (tokens["input_ids"][:2, :16],)
     rows = []
-    for target, amount in (("channels", 0.25), ("params", 0.117), ("channels", 0.5), ("params", 0.234)):
-        for allocation in ("uniform", "global"):
-            model, report = _prune(dense, inputs, StructuredSpec(amount, target, allocation=allocation), "surgery")
-            cosine = (assets.minilm_embed(model, tokens) * reference).sum(-1)
-            heads = [(g["units_after"], g["units_before"]) for g in report.groups if g["kind"] == "heads"]
-            rows.append({"target": target, "amount": amount, "scope": "layer" if allocation == "uniform" else "global",
-                         "mean_cosine": float(cosine.mean()), "params_removed": 1 - report.after["params"] / report.before["params"],
-                         "heads_kept": sum(k for k, _ in heads), "heads": sum(n for _, n in heads)})
-            print(rows[-1], flush=True)
+
+    def run(target, amount, allocation):
+        model, report = _prune(dense, inputs, StructuredSpec(amount, target, allocation=allocation), "surgery")
+        cosine = (assets.minilm_embed(model, tokens) * reference).sum(-1)
+        heads = [(g["units_after"], g["units_before"]) for g in report.groups if g["kind"] == "heads"]
+        rows.append({"target": target, "amount": amount, "scope": "layer" if allocation == "uniform" else "global",
+                     "mean_cosine": float(cosine.mean()), "params_removed": 1 - report.after["params"] / report.before["params"],
+                     "heads_kept": sum(k for k, _ in heads), "heads": sum(n for _, n in heads)})
+        print(rows[-1], flush=True)
+        return rows[-1]
+
+    for amount in (0.25, 0.5):
+        layer = run("channels", amount, "uniform")
+        run("channels", amount, "global")
+        run("params", layer["params_removed"], "global")
     return rows
 
 
@@ -281,7 +288,7 @@ def diagnostics() -> None:
               f"{r['l1_agreement']:.3f} | {r['l1_kl']:.3f} |" for r in groups]
     lines += ["", "### MiniLM: surgery under each scope (mean cosine of sentence embeddings to dense)", "",
               "| target | scope | mean cosine | params removed | attention heads kept |", "|---|---|---|---|---|"]
-    lines += [f"| {r['target']} {r['amount']:g} | {r['scope']} | {r['mean_cosine']:.4f} | {r['params_removed']:.1%} | {r['heads_kept']} of {r['heads']} |"
+    lines += [f"| {r['target']} {r['amount']:.3g} | {r['scope']} | {r['mean_cosine']:.4f} | {r['params_removed']:.1%} | {r['heads_kept']} of {r['heads']} |"
               for r in scopes]
     md = "\n".join(lines)
     print(md)

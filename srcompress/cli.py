@@ -243,13 +243,7 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     if not report.ok:
         from .errors import TargetNotMet
 
-        if structured and spec.stop_threshold is not None:
-            fix = "raise --saliency-threshold (the JSON report has each group's saliency curve)"
-        elif "not divisible" in report.problem:
-            fix = "pick a --pattern whose block divides the layer shapes listed"
-        else:
-            fix = "adjust --sparsity, --min-density or --exclude"
-        err = TargetNotMet(report.problem, f"nothing was written; {fix}")
+        err = TargetNotMet(report.problem, f"nothing was written; {report.fix or 'adjust --sparsity, --min-density or --exclude'}")
         err.reported = True  # the JSON report already says ok: false
         raise err
 

@@ -97,6 +97,8 @@ def _judge(report: PruneReport, plans) -> None:
     if not sp["pruned_layers"]:
         reasons = sorted({p.skipped for p in plans})
         report.ok, report.problem = False, f"no layer could be pruned ({'; '.join(reasons)[:200]})"
+        if any("not divisible" in r for r in reasons):
+            report.fix = "pick a --pattern whose block divides the layer shapes listed"
     elif report.changed_weights == 0:
         report.ok, report.problem = False, (
             f"nothing changed: the pruned layers were already at {sp['reached']:.2%} sparsity" if sp["asked"] > 0
@@ -228,6 +230,7 @@ def _judge_structured(report: StructuredReport, groups, spec: StructuredSpec) ->
         report.ok, report.problem = False, "no channel group can be pruned (see the unplaced layers)"
     elif not report.changed_tensors and spec.stop_threshold is not None:
         report.ok, report.problem = False, f"nothing changed: no merge costs less than the saliency threshold {spec.stop_threshold:g}"
+        report.fix = "raise --saliency-threshold (the JSON report has each group's saliency curve)"
     elif not report.changed_tensors:
         report.ok, report.problem = False, "nothing changed: no unit was removed"
     elif spec.target == "channels" and abs(reached - spec.amount) > report.tolerance + 1e-9:

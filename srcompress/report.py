@@ -118,6 +118,7 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     ok: bool = True
     problem: str = ""
+    fix: str = ""  # when not ok: what to change, if the cause suggests more than the usual options
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +203,7 @@ class StructuredReport:
     notes: list[str] = field(default_factory=list)
     ok: bool = True
     problem: str = ""
+    fix: str = ""  # when not ok: what to change, if the cause suggests more than the usual options
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
