@@ -190,6 +190,10 @@ def test_cli_submodular_needs_calibration(cli, tmp_path, model_files):
     assert result.exit_code == 0, result.stderr
     assert result.json["request"]["calibration"]["samples"] == 100
     assert all(0 < row["info"]["objective"] <= 1 + 1e-9 for row in result.json["groups"])
+    result = cli("prune", "--method", "submodular", "--sparsity", "0.5", "--calib", "photos", "--calib-samples", "4",
+                 model_files["cnn"], "-o", out, "--force")  # RGB photos for a one-channel digit CNN
+    assert result.exit_code == 2 and "calibration data 'photos'" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
 
 
 class _ReusesAnEarlyOutput(nn.Module):
