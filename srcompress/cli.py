@@ -207,13 +207,14 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
                as_json, structured, calibration_options):
     import torch
 
-    from .io import check_output_path, save_model
+    from .io import check_output_path, output_format, save_model
     from .pipeline import prune_model, prune_structured
     from .report import provenance, render_prune, render_structured
 
     torch.manual_seed(spec.seed)
     loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    fmt = output_format(output, fmt, loaded.format)
     calibration = _calibration(method, calibration_options, example, inputs, loaded.module, spec.seed) if structured else None
     with ui.phase(f"pruning with {method}"):
         if structured:
@@ -224,7 +225,7 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     report.notes = loaded.notes + report.notes
     if source == "guessed":
         report.notes.append(f"example input shape {list(inputs[0].shape)} was guessed; pass --input-shape to set it")
-    if structured and (fmt or loaded.format) == "state_dict":
+    if structured and fmt == "state_dict":
         report.notes.append("a state dict of a structurally pruned model only loads into a module built with the pruned "
                             "widths; prefer --format pt2, which reloads with torch.export.load alone")
     report.provenance = provenance(spec.seed, loaded.sha256)
@@ -233,7 +234,7 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
             written = save_model(loaded, output, fmt, example_inputs=inputs, force=force, reuse_program=not structured)
         report.files = {"input": str(loaded.path) if loaded.path else f"example:{example}",
                         "input_bytes": loaded.path.stat().st_size if loaded.path else None,
-                        "output": str(written), "output_bytes": written.stat().st_size, "format": fmt or loaded.format}
+                        "output": str(written), "output_bytes": written.stat().st_size, "format": fmt}
     if as_json:
         click.echo(json.dumps(report.to_json()))
     elif structured:

@@ -271,6 +271,31 @@ def check_output_path(path: str | os.PathLike, *, force: bool, protected: tuple[
     return path
 
 
+_SUFFIX_FORMATS = {".pt2": "pt2", ".safetensors": "state_dict"}
+_PICKLE_SUFFIXES = (".pt", ".pth")
+
+
+def output_format(path: str | os.PathLike, fmt: str | None, input_format: str) -> str:
+    """The format to write: ``fmt``, else the one the file name implies (.pt2, .safetensors), else the input's.
+    A name that contradicts the format (a .pt2 that is no torch.export program, a .pt that torch.load cannot read)
+    is refused rather than written silently."""
+    path = Path(path)
+    implied = _SUFFIX_FORMATS.get(path.suffix)
+    chosen = fmt or implied or input_format
+    if chosen not in FORMATS:
+        raise SrcompressError(f"unknown output format {chosen!r}", f"use one of {', '.join(FORMATS)}")
+    if implied and chosen != implied:
+        raise SrcompressError(f"output {path.name} names a {implied} file but --format is {chosen}",
+                              f"drop --format, or name the output {path.stem}{_FORMAT_SUFFIX[chosen]}")
+    if chosen == "pt2" and path.suffix in _PICKLE_SUFFIXES:
+        raise SrcompressError(f"output {path.name} would hold a torch.export program, which torch.load cannot read",
+                              f"name it {path.stem}.pt2, or pass --format pt (a pickled module) or --format state_dict")
+    return chosen
+
+
+_FORMAT_SUFFIX = {"pt": ".pt", "pt2": ".pt2", "state_dict": ".pt"}
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -347,10 +372,8 @@ def save_model(
     force: bool = False,
     reuse_program: bool = True,
 ) -> Path:
-    """Write the model atomically in ``fmt`` (default: the input's format)."""
-    fmt = fmt or loaded.format
-    if fmt not in FORMATS:
-        raise SrcompressError(f"unknown output format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    """Write the model atomically in ``fmt`` (default: the one the file name implies, else the input's)."""
+    fmt = output_format(path, fmt, loaded.format)
     path = check_output_path(path, force=force, protected=(loaded.path,) if loaded.path else ())
     module = loaded.module
     set_eval(module)

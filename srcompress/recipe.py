@@ -187,12 +187,13 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     """Run the stages on the loaded model and write it atomically; returns the JSON report."""
     import torch
 
-    from .io import check_output_path, save_model
+    from .io import check_output_path, output_format, save_model
     from .report import provenance
 
     torch.manual_seed(recipe.seed)
     loaded, inputs, _, evaluate = load()
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    fmt = output_format(output, fmt, loaded.format)
     context = Context(inputs, recipe.data, recipe.seed)
     before = evaluate(loaded.module) if evaluate else None
     model = loaded.module
@@ -207,5 +208,5 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     written = save_model(loaded, output, fmt, example_inputs=inputs, force=force, reuse_program=False)
     return {"ok": True, "recipe": str(recipe.path), "stages": reports,
             "evaluation": {"metric": before["metric"], "dataset": before["dataset"], "before": before["value"], "after": after["value"]} if before else None,
-            "files": {"input": str(loaded.path) if loaded.path else "example", "output": str(written), "format": fmt or loaded.format},
+            "files": {"input": str(loaded.path) if loaded.path else "example", "output": str(written), "format": fmt},
             "provenance": provenance(recipe.seed, loaded.sha256)}

@@ -170,7 +170,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
     import torch
 
     from .data import load_data
-    from .io import check_output_path, save_model
+    from .io import check_output_path, output_format, save_model
     from .report import layer_stats, model_totals, provenance
     from .train import train_model
 
@@ -184,6 +184,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         raise SrcompressError(f"--eval-data is the training data ({train_data.name})", "evaluate on held-out data")
     loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
+    fmt = output_format(output, fmt, loaded.format)
     if not checkpoint.parent.is_dir():
         raise SrcompressError(f"checkpoint folder {checkpoint.parent} does not exist", "create it or choose another --checkpoint")
     if checkpoint.exists() and not resume and not force:
@@ -209,7 +210,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         "sparsity": result.sparse, "totals": model_totals(loaded.module, layer_stats(layers)),
         "evaluation": {"metric": "accuracy", "dataset": eval_data.name, "before": result.eval_before, "after": result.eval_after} if eval_data else None,
         "files": {"input": str(loaded.path) if loaded.path else f"example:{example}", "output": str(written),
-                  "output_bytes": written.stat().st_size, "format": fmt or loaded.format},
+                  "output_bytes": written.stat().st_size, "format": fmt},
         "provenance": provenance(config.seed, loaded.sha256),
         "notes": loaded.notes + result.notes,
     }

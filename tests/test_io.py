@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn.utils import prune as torch_prune
 
-from srcompress.io import atomic_path, load_model
+from srcompress.errors import SrcompressError
+from srcompress.io import atomic_path, load_model, output_format
 from srcompress.models import DigitCNN
 
 from .conftest import sha256
@@ -169,7 +170,7 @@ def test_torch_prune_masks_are_baked_before_saving(cli, tmp_path):
     torch.save(model, path)
     path.chmod(0o644)
     for fmt in ("pt", "state_dict", "pt2"):
-        out = tmp_path / f"out-{fmt}.pt"
+        out = tmp_path / f"out-{fmt}.pt{'2' if fmt == 'pt2' else ''}"
         result = cli("prune", "--sparsity", "0.6", path, "--format", fmt, "-o", out, "--json")
         assert result.exit_code == 0, result.output
         assert any("baked a torch.nn.utils.prune mask" in n for n in result.json["notes"])
@@ -241,3 +242,22 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert target.read_bytes() == b"weights" and (target.stat().st_mode & 0o777) == 0o644
+
+
+def test_output_format_follows_the_file_name_and_refuses_a_contradiction(cli, tmp_path, model_files):
+    assert output_format("m.pt2", None, "pt") == "pt2"
+    assert output_format("m.safetensors", None, "pt") == "state_dict"
+    assert output_format("m.pt", None, "state_dict") == "state_dict"
+    assert output_format("m.pt", "pt", "pt2") == "pt"
+    for name, fmt, source in [("m.pt2", "pt", "pt"), ("m.safetensors", "pt2", "pt"), ("m.pt", None, "pt2"), ("m.pth", "pt2", "pt")]:
+        with pytest.raises(SrcompressError):
+            output_format(name, fmt, source)
+    implied = tmp_path / "cnn.pt2"  # no --format: the name decides, and a program is written
+    assert cli("prune", "--sparsity", "0.5", model_files["cnn"], "-o", implied, "--quiet").exit_code == 0
+    assert tuple(torch.export.load(str(implied)).module()(torch.randn(2, 1, 28, 28)).shape) == (2, 10)
+    for args, needle in [(["--format", "pt", "-o", tmp_path / "x.pt2"], "names a pt2 file but --format is pt"),
+                         (["--example", "mnist", "-o", tmp_path / "x.pt"], "torch.load cannot read")]:
+        source = [] if "--example" in args else [model_files["cnn"]]
+        result = cli("prune", "--sparsity", "0.5", *source, *args)
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+        assert not args[-1].exists()
