@@ -377,9 +377,9 @@ def save_model(
     path = check_output_path(path, force=force, protected=(loaded.path,) if loaded.path else ())
     module = loaded.module
     set_eval(module)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # saved through a handle: the archive's root is "archive", not the temp name
         if fmt == "pt":
-            torch.save(module, tmp)
+            _save_through_handle(torch.save, module, tmp)
         elif fmt == "state_dict":
             state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
             if path.suffix == ".safetensors":
@@ -387,7 +387,7 @@ def save_model(
 
                 save_safetensors(module, str(tmp))
             else:
-                torch.save(state, tmp)
+                _save_through_handle(torch.save, state, tmp)
         else:
             if loaded.program is not None and reuse_program:
                 program = loaded.program  # its weights are the (pruned) parameters of ``module``
@@ -396,5 +396,13 @@ def save_model(
                 if inputs is None:
                     raise SrcompressError("saving as .pt2 needs an example input", "pass --input-shape")
                 program = export_program(module, inputs)
-            torch.export.save(program, str(tmp))
+            _save_through_handle(torch.export.save, program, tmp)
     return path
+
+
+def _save_through_handle(save: Callable, obj: Any, path: Path) -> None:
+    """``save(obj, handle)``: torch names an archive's root folder after the file, so writing to a temp name through
+    a path would make every output differ; through a handle the root is always "archive" and equal runs are equal
+    byte for byte."""
+    with open(path, "wb") as handle:
+        save(obj, handle)

@@ -79,6 +79,7 @@ def test_seed_gives_identical_outputs(cli, tmp_path, model_files):
         assert cli("prune", "--sparsity", "0.7", "--method", "random", "--seed", seed, model_files["cnn"], "-o", out, "--quiet").exit_code == 0
         outputs.append(torch.load(out, weights_only=False).state_dict())
     assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    assert (tmp_path / "r0.pt").read_bytes() == (tmp_path / "r1.pt").read_bytes()  # byte for byte, not only equal weights
     assert not all(torch.equal(outputs[0][k], outputs[2][k]) for k in outputs[0])
 
 
