@@ -255,6 +255,27 @@ def test_force_replaces_bundle_and_external_data(model_files, tmp_path):
     assert session(tmp_path / "m.onnx").run(None, {"x": x[:7].numpy()})[0].shape == (7, 10)
 
 
+class _BranchesOnValue(torch.nn.Module):
+    """Python control flow on a tensor's value: torch.export refuses it, and a legacy trace would keep one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.up(x)
+        return self.down(x)
+
+
+def test_a_value_dependent_branch_is_refused_not_frozen(tmp_path, capfd):
+    with pytest.raises(SrcompressError, match="branches on a tensor's value .*test_export.py") as info:
+        export_onnx(_BranchesOnValue().eval(), (torch.randn(1, 8),), tmp_path / "m.onnx")
+    assert "torch.cond" in info.value.fix
+    assert list(tmp_path.iterdir()) == []
+    assert "def forward" not in capfd.readouterr().err  # the exporter's graph dump is not shown
+
+
 # ---- TensorRT: command builder always; the Python build only where TensorRT imports ----
 
 IMAGE_PROFILE = profile_from_io([{"name": "x", "shape": ["batch", 3, 224, 224]}], opt_batch=8, max_batch=32)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -116,10 +115,22 @@ def io_signature(model) -> dict[str, list[dict[str, Any]]]:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter prints progress on stdout; keep stdout for --json."""
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """The exporters print progress and, when tracing fails, graph dumps (on stdout, which --json needs, on stderr and
+    through torch's loggers); all of it is dropped, and a failure reaches the user as one line."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torch", *logging.root.manager.loggerDict) if name.startswith("torch")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def trace_program(module: nn.Module, inputs: tuple):
@@ -154,14 +165,33 @@ def _export_raw(module: nn.Module, inputs: tuple, path: Path, names_in: list[str
     axes.update({name: {0: "batch"} for name in names_out})
     wrapped = _flat_output_view(module, trace)
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(wrapped, trace, str(path), dynamo=False, input_names=names_in, output_names=names_out,
                               dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
     except Exception as err:  # noqa: BLE001
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SrcompressError(f"neither ONNX exporter could export the model ({reason})",
                               "check that the model runs under torch.export, or report the operator that fails") from err
+    _refuse_frozen_branches(caught, notes)
     return "legacy", None
+
+
+def _refuse_frozen_branches(caught: list, notes: list[str]) -> None:
+    """The legacy tracer records one path through Python control flow: a branch on a tensor's value is frozen into
+    the graph, and parity on inputs that take the same branch cannot see it. Such a trace is refused; other tracer
+    warnings (a tensor read as a Python number) become notes."""
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    where = lambda w: f"{Path(w.filename).name}:{w.lineno}"  # noqa: E731
+    frozen = sorted({where(w) for w in tracer if "Python boolean" in str(w.message)})
+    if frozen:
+        raise SrcompressError(f"the model branches on a tensor's value ({', '.join(frozen[:3])}) and the fallback exporter "
+                              "would freeze one branch into the ONNX for every input",
+                              "make the branch traceable (torch.where or torch.cond) so torch.export can capture it")
+    constants = sorted({where(w) for w in tracer})
+    if constants:
+        notes.append(f"the legacy tracer read tensor values as Python constants at {', '.join(constants[:3])}; the ONNX "
+                     "assumes they never change, checked only on the parity inputs")
 
 
 def weight_bytes(model) -> int:
