@@ -60,7 +60,27 @@ def _load(model_path, example, arch, trust_pickle, input_shape, input_dtype):
     return loaded, inputs, source, None
 
 
-@click.group(help="Prune PyTorch models into smaller, faster ones, and say exactly what changed.\n\n" + PICKLE_NOTE)
+class _JsonGroup(click.Group):
+    """A usage error (bad option value, unknown option) under --json also prints the one JSON object CI reads."""
+
+    def main(self, args=None, **kwargs):
+        argv = sys.argv[1:] if args is None else list(args)
+        if "--json" not in argv:
+            return super().main(args, **kwargs)
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            click.echo(json.dumps({"ok": False, "error": err.format_message()}))
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo(json.dumps({"ok": False, "error": "aborted"}))
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_JsonGroup, help="Prune PyTorch models into smaller, faster ones, and say exactly what changed.\n\n" + PICKLE_NOTE)
 @click.version_option(__version__, prog_name="srcompress")
 def main() -> None:
     pass

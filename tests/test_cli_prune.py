@@ -95,6 +95,15 @@ def test_no_op_is_an_error(cli, tmp_path, model_files):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, needle", [(["prune", "--sparsity", "abc"], "'--sparsity': 'abc' is not a valid float"),
+                                          (["prune", "--bogus"], "No such option '--bogus'"),
+                                          (["export", "--example", "mnist", "--int8-target-error"], "requires an argument")])
+def test_a_usage_error_under_json_still_prints_json(cli, args, needle):
+    result = cli(*args, "--example", "mnist", "--json") if args[0] == "prune" else cli(*args[:3], "--json", *args[3:])
+    assert result.exit_code == 2 and result.json == {"ok": False, "error": result.json["error"]}
+    assert needle in result.json["error"] and needle in result.stderr
+
+
 def test_a_structured_target_outside_0_1_names_the_target(cli, tmp_path, model_files):
     out = tmp_path / "out.pt"
     result = cli("prune", "--structured", "--target", "flops:2", model_files["cnn"], "-o", out)
