@@ -134,7 +134,7 @@ def minilm(quick: bool, folder: str) -> list[dict]:
             prune_structured(structured, (tokens["input_ids"][:2, :16],), StructuredSpec(0.5, exclude=("*attention*",)),
                              "submodular", calibration=load_calibration("sentences", 512, model=dense))
     blocky = copy.deepcopy(dense)
-    spec = MaskSpec(0.9, pattern=Pattern.parse("block:32x32"), exclude=("*attention*", "*pooler*", "*embeddings*"))
+    spec = MaskSpec(0.9, pattern=Pattern.parse("block:32x32"), exclude=("*attention*", "*pooler*"))
     prune_model(blocky, (tokens["input_ids"][:2, :16],), spec)
     converted = 0
     for layer in blocky.encoder.layer:  # only the block-pruned FFN layers; sparsify's own rule models a GPU

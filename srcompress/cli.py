@@ -95,7 +95,8 @@ def main() -> None:
 @click.option("--structured", is_flag=True, help="Remove whole neurons, channels, channel groups and attention heads.")
 @click.option("--target", "target", default=None, help="With --structured: channels:F, params:F or flops:F (fraction removed).")
 @click.option("--method", default="magnitude", show_default=True,
-              help="magnitude or random (masks); l1 (also 'magnitude'), random, surgery or surgery-pairwise (data-free) remove units and imply --structured.")
+              help="magnitude or random (masks); l1 (also 'magnitude'), random, surgery or surgery-pairwise (data-free) and "
+                   "submodular (needs --calib) remove units and imply --structured.")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
               help="global: one ranking across layers/groups; layer: each at the target. Default: global for masks and surgery, "
                    "layer for other structured methods.")
@@ -132,6 +133,9 @@ def prune(model_path, sparsity, pattern, structured, target, method, scope, min_
         if method in METHODS and get_method(method).kind == "structured":
             structured = True
         if structured:
+            if prune_first or prune_last:
+                raise SrcompressError("--prune-first and --prune-last apply to mask pruning; structured pruning keeps the "
+                                      "model's input and output widths anyway", "drop them (use --exclude to keep a group whole)")
             scope = scope or get_method(method, structured=True).default_scope
             spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed,
                                     saliency_threshold)

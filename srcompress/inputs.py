@@ -89,6 +89,8 @@ def guess_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
 def resolve_example_inputs(model: nn.Module, input_shape: str | None, input_dtype: str | None,
                            known: tuple | None = None) -> tuple[tuple, str]:
     """The example input to use and where it came from ('given', 'stored' or 'guessed')."""
+    if input_dtype and not input_shape:
+        raise SrcompressError(f"--input-dtype {input_dtype} needs --input-shape", "pass both, e.g. --input-shape 1,128 --input-dtype int64")
     if input_shape:
         first = _first_layer(model)
         vocab = first.num_embeddings if isinstance(first, nn.Embedding) else None

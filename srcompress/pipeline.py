@@ -142,6 +142,9 @@ def prune_structured(
     spec.validate()
     if chosen.needs_data and calibration is None:
         raise SrcompressError(f"method {method!r} needs calibration data", "pass --calib DATA")
+    if spec.stop_threshold is not None and not chosen.stops_at_threshold:
+        raise SrcompressError(f"method {chosen.name!r} has no saliency to stop at, so --saliency-threshold cannot apply",
+                              "use --method surgery, or drop --saliency-threshold and pass --sparsity")
     set_eval(model)
     reference = flatten_outputs(run_model(model, example_inputs))
     layers, _ = trace_layers(model, example_inputs)

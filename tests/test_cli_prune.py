@@ -104,6 +104,21 @@ def test_a_usage_error_under_json_still_prints_json(cli, args, needle):
     assert needle in result.json["error"] and needle in result.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "l1", "--saliency-threshold", "0.1"], "'l1' has no saliency to stop at"),
+    (["--method", "surgery", "--saliency-threshold", "-1"], "--saliency-threshold -1 is negative"),
+    (["--structured", "--sparsity", "0.5", "--prune-first"], "--prune-first and --prune-last apply to mask pruning"),
+    (["--sparsity", "0.5", "--input-dtype", "int64"], "--input-dtype int64 needs --input-shape"),
+    (["--sparsity", "0.5", "--exclude", "conv9"], "--exclude 'conv9' matches no prunable layer"),
+    (["--structured", "--sparsity", "0.5", "--exclude", "fc_layers.0", "--exclude", "conv9"], "'conv9' matches no prunable"),
+])
+def test_an_option_that_would_be_ignored_is_refused(cli, tmp_path, model_files, args, needle):
+    out = tmp_path / "out.pt"
+    result = cli("prune", *args, model_files["cnn"], "-o", out, "--json")
+    assert result.exit_code == 2 and needle in result.json["error"], result.output
+    assert not out.exists()
+
+
 def test_a_structured_target_outside_0_1_names_the_target(cli, tmp_path, model_files):
     out = tmp_path / "out.pt"
     result = cli("prune", "--structured", "--target", "flops:2", model_files["cnn"], "-o", out)

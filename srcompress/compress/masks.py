@@ -65,11 +65,13 @@ class LayerPlan:
 
 def plan_layers(layers: list[Layer], spec: MaskSpec) -> list[LayerPlan]:
     """Mark each layer as taking part or staying dense, with the reason."""
+    names = [[layer.name, layer.module_name] for layer in layers]
+    check_exclude_matches(spec.exclude, names)
     plans = []
     last = len(layers) - 1
     for index, layer in enumerate(layers):
         reason = ""
-        matched = next((g for g in spec.exclude if fnmatch.fnmatchcase(layer.name, g) or fnmatch.fnmatchcase(layer.module_name, g)), None)
+        matched = next((g for g in spec.exclude if matches_any(names[index], g)), None)
         if matched:
             reason = f"--exclude {matched}"
         elif index == 0 and spec.keep_first and layer.op.startswith("conv") and len(layers) > 1:
@@ -80,6 +82,19 @@ def plan_layers(layers: list[Layer], spec: MaskSpec) -> list[LayerPlan]:
             reason = spec.pattern.unsupported_reason(layer) or ""
         plans.append(LayerPlan(layer, skipped=reason))
     return plans
+
+
+def matches_any(names: list[str], glob: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for name in names)
+
+
+def check_exclude_matches(globs: tuple[str, ...], names: list[list[str]]) -> None:
+    """An --exclude glob that matches nothing is a typo, not a request: refuse it, naming a few real names.
+    ``names`` holds, per layer or group, the names a glob may match."""
+    for glob in globs:
+        if not any(matches_any(group, glob) for group in names):
+            examples = ", ".join(group[0] for group in names[:4])
+            raise SrcompressError(f"--exclude {glob!r} matches no prunable layer", f"names look like {examples}; fix the glob (e.g. 'fc.*')")
 
 
 def _element_scores(plan: LayerPlan, score: ScoreFn, gen: torch.Generator, channels_last: bool) -> torch.Tensor:

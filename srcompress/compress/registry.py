@@ -40,6 +40,7 @@ class Method:
     select: Callable[..., Any] | None = None
     removal_costs: Callable[..., Any] | None = None
     default_scope: str = "layer"  # the CLI's --scope when none is given: "layer" (uniform) or "global"
+    stops_at_threshold: bool = False  # ``select`` honours StructuredSpec.stop_threshold (a saliency at which to stop)
 
 
 STRUCTURED_ALIASES = {"magnitude": "l1", "random": "random-channels"}

@@ -9,7 +9,6 @@ a plain dense model with fewer channels.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..errors import SrcompressError
 from .graph import ChannelGroup, Graph, count_params_after, numel
+from .masks import check_exclude_matches, matches_any
 
 Updates = dict[str, torch.Tensor]  # parameter name -> replacement value, in the parameter's current (full) shape
 
@@ -47,6 +47,9 @@ class StructuredSpec:
             raise SrcompressError(f"unknown allocation {self.allocation!r}", "use allocation 'uniform' or 'global' (--scope layer or global)")
         if self.round_to is not None and self.round_to < 1:
             raise SrcompressError(f"--round-to {self.round_to} must be positive", "use e.g. --round-to 8")
+        if self.stop_threshold is not None and not self.stop_threshold >= 0:
+            raise SrcompressError(f"--saliency-threshold {self.stop_threshold:g} is negative",
+                                  "pass a normalised saliency of 0 or more, e.g. 0.1 (read the knee off the report's curve)")
 
 
 @dataclass
@@ -209,9 +212,11 @@ def model_costs(graph: Graph, flops: dict[str, int], roots: set[int]) -> tuple[i
 def candidate_groups(graph: Graph, spec: StructuredSpec) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Groups that may be pruned, and excluded group names with the reason."""
     chosen, skipped = [], {}
-    for group in graph.groups:
-        names = [group.name] + [p for p, _ in group.producers] + [p.rsplit(".", 1)[0] for p, _ in group.producers]
-        matched = next((g for g in spec.exclude if any(fnmatch.fnmatchcase(n, g) for n in names)), None)
+    names = [[group.name] + [p for p, _ in group.producers] + [p.rsplit(".", 1)[0] for p, _ in group.producers]
+             for group in graph.groups]
+    check_exclude_matches(spec.exclude, names)
+    for group, group_names in zip(graph.groups, names):
+        matched = next((g for g in spec.exclude if matches_any(group_names, g)), None)
         if matched:
             skipped[group.name] = f"--exclude {matched}"
         elif group.size < 2:

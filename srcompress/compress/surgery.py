@@ -423,7 +423,7 @@ def fold_updates(graph: Graph, group: ChannelGroup, kept: np.ndarray, removed: n
 
 
 SURGERY = Method("surgery", "merge near-duplicate units into their most similar survivor (data-free)", kind="structured",
-                 select=surgery_select, removal_costs=surgery_removal_costs, default_scope="global")
+                 select=surgery_select, removal_costs=surgery_removal_costs, default_scope="global", stops_at_threshold=True)
 SURGERY_PAIRWISE = Method("surgery-pairwise", "surgery with the paper's fold only: each removed unit into one survivor",
                           kind="structured", select=partial(surgery_select, refine=False), removal_costs=surgery_removal_costs,
-                          default_scope="global")
+                          default_scope="global", stops_at_threshold=True)
