@@ -82,9 +82,13 @@ def _archive_kind(path: Path) -> str:
         return "safetensors"
     if zipfile.is_zipfile(path):
         try:
-            names = zipfile.ZipFile(path).namelist()
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                damaged = archive.testzip()  # torch reads records without checking their CRCs
         except zipfile.BadZipFile:
             return "other"
+        if damaged is not None:
+            raise _corrupt(path, ValueError(f"record {damaged} fails its checksum"))
         if any(n.endswith("archive_format") or n.endswith("serialized_exported_program.json") for n in names):
             return "pt2"
         return "torch"

@@ -79,6 +79,21 @@ def test_truncated_file(cli, tmp_path, model_files, suffix):
     assert_clean_failure(cli("prune", "--sparsity", "0.5", path, "-o", out), out, "corrupt or truncated", inputs=[(path, sha256(path))])
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_a_flipped_byte_in_the_weights_is_caught(cli, tmp_path, model_files, suffix):
+    """A zip keeps its structure when a weight byte flips; torch would load the damaged weights without a word."""
+    source = model_files["cnn"]
+    if suffix == ".pt2":
+        source = tmp_path / "full.pt2"
+        assert cli("prune", "--sparsity", "0.5", model_files["cnn"], "-o", source, "--quiet").exit_code == 0
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the largest record, the fc weights
+    path = tmp_path / f"flipped{suffix}"
+    path.write_bytes(bytes(data))
+    out = tmp_path / f"out{suffix}"
+    assert_clean_failure(cli("prune", "--sparsity", "0.5", path, "-o", out), out, "fails its checksum", inputs=[(path, sha256(path))])
+
+
 def test_state_dict_needs_arch(cli, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(DigitCNN().state_dict(), path)
