@@ -126,6 +126,7 @@ def prune(model_path, sparsity, pattern, structured, target, method, scope, min_
           calib, calib_samples, tokenizer, image_size, saliency_threshold, exclude, prune_first, prune_last, output, fmt, force, seed, quiet, example, arch, trust_pickle,
           input_shape, input_dtype, as_json):
     from .compress.registry import METHODS, get_method
+    from .compress.structured import structured_spec
 
     ui.enable(not (quiet or as_json))
     console = ui.stdout_console(quiet=as_json)
@@ -137,7 +138,7 @@ def prune(model_path, sparsity, pattern, structured, target, method, scope, min_
                 raise SrcompressError("--prune-first and --prune-last apply to mask pruning; structured pruning keeps the "
                                       "model's input and output widths anyway", "drop them (use --exclude to keep a group whole)")
             scope = scope or get_method(method, structured=True).default_scope
-            spec = _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed,
+            spec = structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed,
                                     saliency_threshold)
         else:
             if target or round_to or uniform or saliency_threshold is not None:
@@ -164,32 +165,6 @@ def _mask_spec(sparsity, pattern, scope, min_density, exclude, prune_first, prun
         sparsity = parsed.fixed_sparsity
     spec = MaskSpec(sparsity=sparsity, pattern=parsed, scope=scope or "global", min_density=min_density,
                     exclude=tuple(exclude), keep_first=not prune_first, keep_last=not prune_last, seed=seed)
-    spec.validate()
-    return spec
-
-
-def _structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed, threshold=None):
-    from .compress.structured import StructuredSpec
-
-    if pattern != "unstructured":
-        raise SrcompressError("--pattern does not apply to --structured pruning", "drop --pattern, or drop --structured for a mask pattern")
-    kind, amount = "channels", sparsity
-    if target:
-        if sparsity is not None:
-            raise SrcompressError("give either --sparsity or --target, not both", "e.g. --target flops:0.5")
-        kind, _, value = target.partition(":")
-        try:
-            amount = float(value)
-        except ValueError:
-            raise SrcompressError(f"--target {target!r} is not KIND:FRACTION", "e.g. --target flops:0.5 or params:0.3") from None
-        if not 0 <= amount < 1:
-            raise SrcompressError(f"--target {target}: the fraction {amount:g} is outside [0, 1)", f"e.g. --target {kind}:0.5")
-    if amount is None and threshold is None:
-        raise SrcompressError("--sparsity (fraction of channels) or --target is required", "pass e.g. --sparsity 0.5")
-    if round_to is None and hardware == "gpu":
-        round_to = 8
-    spec = StructuredSpec(amount or 0.0, kind, "global" if scope == "global" else "uniform", min_keep=min_density,
-                          round_to=round_to, exclude=tuple(exclude), uniform_widths=uniform, seed=seed, stop_threshold=threshold)
     spec.validate()
     return spec
 

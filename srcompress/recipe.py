@@ -4,6 +4,10 @@
     [data]                        # used by train stages
     train = "mnist5k"             # eval defaults to mnist5k:test for mnist5k
     [[stage]]
+    kind = "structured"           # channels removed physically, the keys of `srcompress prune --structured`
+    method = "surgery"            # l1, random-channels, surgery, surgery-pairwise, submodular (with calib = "...")
+    sparsity = 0.25
+    [[stage]]
     kind = "prune"                # mask pruning, the keys of `srcompress prune`
     sparsity = 0.5
     [[stage]]
@@ -81,8 +85,52 @@ def _parse_prune(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]
                     int(table.get("seed", seed)))
     spec.validate()
     method = table.get("method", "magnitude")
-    get_method(method)
+    if get_method(method).kind != "mask":
+        raise SrcompressError(f"prune stage: method {method!r} removes whole units", 'use kind = "structured" for it')
     return {"spec": spec, "method": method}
+
+
+STRUCTURED_KEYS = {"sparsity", "target", "method", "scope", "min_density", "round_to", "hardware", "uniform", "exclude", "seed",
+                   "saliency_threshold", "calib", "calib_samples", "tokenizer", "image_size"}
+
+
+def _parse_structured(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]:
+    from .compress.registry import get_method
+    from .compress.structured import structured_spec
+
+    _keys(table, STRUCTURED_KEYS, "structured stage")
+    method = get_method(table.get("method", "l1"), structured=True)
+    spec = structured_spec(table.get("sparsity"), "unstructured", table.get("target"), table.get("scope", method.default_scope),
+                           float(table.get("min_density", 0.01)), table.get("round_to"), table.get("hardware", "cpu"),
+                           bool(table.get("uniform", False)), tuple(table.get("exclude", ())), int(table.get("seed", seed)),
+                           table.get("saliency_threshold"))
+    calib = table.get("calib")
+    if method.needs_data and not calib:
+        raise SrcompressError(f"structured stage: method {method.name!r} needs calibration data", 'add calib = "mnist5k" (or a file, a folder)')
+    if calib and not method.needs_data:
+        raise SrcompressError(f"structured stage: method {method.name!r} uses no data, but calib is set", "drop calib or pick submodular")
+    calibration = {"source": calib, "samples": int(table.get("calib_samples", 512)), "tokenizer": table.get("tokenizer"),
+                   "image_size": int(table.get("image_size", 224))}
+    return {"spec": spec, "method": method.name, "calibration": calibration}
+
+
+def _run_structured(model: nn.Module, stage: dict[str, Any], context: Context) -> tuple[nn.Module, dict[str, Any]]:
+    from .pipeline import prune_structured
+
+    options = stage["calibration"]
+    calibration = None
+    if options["source"]:
+        from .calib.data import load_calibration
+
+        calibration = load_calibration(options["source"], options["samples"], seed=stage["spec"].seed,
+                                       example_inputs=context.example_inputs, tokenizer=options["tokenizer"],
+                                       image_size=options["image_size"], model=model)
+    report = prune_structured(model, context.example_inputs, stage["spec"], stage["method"], calibration=calibration)
+    if not report.ok:
+        raise TargetNotMet(f"structured stage: {report.problem}", f"nothing was written; {report.fix or 'adjust the recipe'}")
+    summary = (f"{stage['method']} removed {report.reached['channels']:.1%} of units, {report.reached['params']:.1%} of "
+               f"parameters ({report.before['params']:,} -> {report.after['params']:,})")
+    return model, {"summary": summary, "report": report.to_json()}
 
 
 def _run_prune(model: nn.Module, stage: dict[str, Any], context: Context) -> tuple[nn.Module, dict[str, Any]]:
@@ -136,6 +184,7 @@ def _run_train(model: nn.Module, stage: dict[str, Any], context: Context) -> tup
 
 STAGES: dict[str, StageKind] = {
     "prune": StageKind(_parse_prune, _run_prune),
+    "structured": StageKind(_parse_structured, _run_structured),
     "train": StageKind(_parse_train, _run_train),
 }
 

@@ -24,3 +24,17 @@ def test_python_api_example_runs():
     namespace: dict = {}
     exec(compile(blocks("python")[0], "README.md", "exec"), namespace)
     assert abs(namespace["report"].sparsity["reached"] - 0.9) < 0.01
+
+
+def test_every_recipe_and_script_the_readme_names_exists():
+    named = set(re.findall(r"\b((?:examples|benchmarks)/[\w./-]+\.(?:toml|py))", (ROOT / "README.md").read_text()))
+    assert "examples/mnist_recipe.toml" in named
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not missing, missing
+
+
+def test_bundled_recipe_parses():
+    from srcompress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "examples" / "mnist_recipe.toml")
+    assert [kind for kind, _ in recipe.stages] == ["structured", "train"]

@@ -229,6 +229,55 @@ batch_size = 32
         assert bad.exit_code == 2 and message in bad.stderr and not (tmp_path / "bad.pt").exists(), bad.stderr
 
 
+def test_recipe_structured_then_cyclical_on_the_pretrained_cnn(cli, tmp_path, small_data):
+    """The pipeline's stages 2 and 3 in one recipe: channels removed physically, then cyclical sparse fine-tuning."""
+    train, held = small_data
+    recipe = tmp_path / "recipe.toml"
+    good = f"""
+[data]
+train = "{train}"
+eval = "{held}"
+
+[[stage]]
+kind = "structured"
+method = "submodular"
+calib = "mnist5k"
+calib_samples = 200
+sparsity = 0.5
+exclude = ["conv_layers.0"]
+
+[[stage]]
+kind = "train"
+sparsity = 0.7
+schedule = "cyclical"
+cycles = 2
+epochs = 2
+batch_size = 32
+lr = 0.0005
+"""
+    recipe.write_text(good)
+    out = tmp_path / "out.pt2"
+    result = cli("recipe", recipe, "--example", "mnist", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    structured, trained = result.json["stages"]
+    widths = {g["name"]: (g["units_before"], g["units_after"]) for g in structured["report"]["groups"]}
+    assert widths["fc_layers.0"] == (256, 128) and widths["conv_layers.3"] == (64, 32) and widths["conv_layers.0"] == (32, 32)
+    assert structured["report"]["after"]["params"] < 0.5 * structured["report"]["before"]["params"]
+    assert trained["sparsity"]["reached"] == pytest.approx(0.7, abs=0.01)
+    assert result.json["evaluation"]["after"] > 0.95  # the bundled example's held-out digits
+    reloaded = torch.export.load(str(out))
+    assert reloaded.state_dict["fc_layers.0.weight"].shape[0] == 128
+    assert tuple(reloaded.module()(torch.randn(3, 1, 28, 28)).shape) == (3, 10)
+
+    for old, new, message in (('calib = "mnist5k"', "", "method 'submodular' needs calibration data"),
+                              ('method = "submodular"', 'method = "surgery"', "method 'surgery' uses no data, but calib is set"),
+                              ('kind = "structured"', 'kind = "prune"', "prune stage: unknown key 'calib'"),
+                              ("sparsity = 0.5", "sparsity = 1.5", "outside [0, 1)")):
+        recipe.write_text(good.replace(old, new))
+        bad = cli("recipe", recipe, "--example", "mnist", "-o", tmp_path / "bad.pt2")
+        assert bad.exit_code == 2 and message in bad.stderr and not (tmp_path / "bad.pt2").exists(), bad.stderr
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun not installed")
 def test_torchrun_two_processes(tmp_path, lenet, small_data):
     train, held = small_data

@@ -52,6 +52,31 @@ class StructuredSpec:
                                   "pass a normalised saliency of 0 or more, e.g. 0.1 (read the knee off the report's curve)")
 
 
+def structured_spec(sparsity, pattern, target, scope, min_density, round_to, hardware, uniform, exclude, seed, threshold=None) -> StructuredSpec:
+    """A checked spec from the options of `srcompress prune --structured` (and a recipe's structured stage)."""
+    if pattern != "unstructured":
+        raise SrcompressError("--pattern does not apply to --structured pruning", "drop --pattern, or drop --structured for a mask pattern")
+    kind, amount = "channels", sparsity
+    if target:
+        if sparsity is not None:
+            raise SrcompressError("give either --sparsity or --target, not both", "e.g. --target flops:0.5")
+        kind, _, value = target.partition(":")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise SrcompressError(f"--target {target!r} is not KIND:FRACTION", "e.g. --target flops:0.5 or params:0.3") from None
+        if not 0 <= amount < 1:
+            raise SrcompressError(f"--target {target}: the fraction {amount:g} is outside [0, 1)", f"e.g. --target {kind}:0.5")
+    if amount is None and threshold is None:
+        raise SrcompressError("--sparsity (fraction of channels) or --target is required", "pass e.g. --sparsity 0.5")
+    if round_to is None and hardware == "gpu":
+        round_to = 8
+    spec = StructuredSpec(amount or 0.0, kind, "global" if scope == "global" else "uniform", min_keep=min_density,
+                          round_to=round_to, exclude=tuple(exclude), uniform_widths=uniform, seed=seed, stop_threshold=threshold)
+    spec.validate()
+    return spec
+
+
 @dataclass
 class GroupDecision:
     """What a method chose for one group: unit indices to remove and compensation updates."""
