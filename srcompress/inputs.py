@@ -62,6 +62,20 @@ def _first_layer(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
 
 
+def with_attention_mask(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Token ids, plus an all-ones attention mask when the model's second input is one (Hugging Face encoders): the
+    mask then stays an input of every export, so padded batches are served correctly."""
+    import inspect
+
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()]
+    except (TypeError, ValueError):
+        params = []
+    if ids.is_floating_point() or params[1:2] != ["attention_mask"]:
+        return (ids,)
+    return ids, torch.ones_like(ids)
+
+
 def guess_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """An input the model accepts, guessed from its first layer; raises if no guess runs."""
     first = _first_layer(model)
@@ -78,9 +92,10 @@ def guess_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     else:
         candidates = []
     for candidate in candidates:
+        inputs = with_attention_mask(model, candidate)
         try:
-            run_model(model, (candidate,))
-            return (candidate,)
+            run_model(model, inputs)
+            return inputs
         except SrcompressError:
             continue
     raise SrcompressError("could not guess an input the model accepts", "pass --input-shape (and --input-dtype int64 for token ids)")
@@ -95,7 +110,7 @@ def resolve_example_inputs(model: nn.Module, input_shape: str | None, input_dtyp
         first = _first_layer(model)
         vocab = first.num_embeddings if isinstance(first, nn.Embedding) else None
         dtype = input_dtype or ("int64" if vocab else "float32")
-        inputs = (make_input(parse_input_shape(input_shape), dtype, vocab=vocab),)
+        inputs = with_attention_mask(model, make_input(parse_input_shape(input_shape), dtype, vocab=vocab))
         run_model(model, inputs)
         return inputs, "given"
     if known is not None:

@@ -218,6 +218,26 @@ def test_minilm_dynamic_batch_and_sequence(cli, model_files, tmp_path):
     assert manifest["tensorrt"]["profile"]["input_ids"]["max"] == [32, 128]
 
 
+def test_pruned_minilm_pt2_keeps_its_attention_mask_through_export(cli, model_files, tmp_path):
+    """No --input-shape, no calibration: the guessed input carries the mask, the .pt2 keeps it, and the ONNX of that
+    .pt2 (no Hugging Face config left to read the longest sequence from) serves padded batches like PyTorch does."""
+    pruned = tmp_path / "minilm.pt2"
+    result = cli("prune", "--structured", "--sparsity", "0.25", "--exclude", "*attention*", model_files["minilm"], "-o", pruned, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json["example_input"]["shapes"] == [[1, 16], [1, 16]]
+    out = tmp_path / "bundle"
+    manifest = _check_common(out, cli("export", pruned, "-o", out, "--json"))
+    assert manifest["onnx"]["exporter"] == "dynamo"
+    assert [i["name"] for i in manifest["io"]["inputs"]] == ["input_ids", "attention_mask"]
+    assert len(manifest["parity"]["cases"]) == 4  # the last one with half of every other row masked out
+    tokens = assets.minilm_tokens(assets.minilm(), assets.sentences("test", 5))  # padded to the longest sentence
+    assert not bool(tokens["attention_mask"].all())
+    got = session(out / "model.onnx").run(None, {k: tokens[k].numpy() for k in ("input_ids", "attention_mask")})
+    with torch.no_grad():
+        want = torch.export.load(str(pruned)).module()(tokens["input_ids"], tokens["attention_mask"])
+    np.testing.assert_allclose(got[1], want[1].numpy(), rtol=1e-3, atol=1e-4)
+
+
 def test_export_bad_input_errors(cli, model_files, tmp_path):
     existing = tmp_path / "exists"
     existing.mkdir()

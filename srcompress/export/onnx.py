@@ -79,8 +79,13 @@ def _trace_inputs(inputs: tuple) -> tuple:
 
 
 def _max_sequence(module: nn.Module) -> int:
+    """Longest sequence the model takes: its config's, else the rows of a position-embedding table (a module
+    unlifted from a .pt2 has no config but keeps its parameter names), else 4096."""
     config = getattr(module, "config", None)
-    return int(getattr(config, "max_position_embeddings", 0) or 4096)
+    if getattr(config, "max_position_embeddings", 0):
+        return int(config.max_position_embeddings)
+    rows = [p.shape[0] for name, p in module.named_parameters() if "position" in name and name.endswith("weight") and p.dim() == 2]
+    return int(min(rows)) if rows else 4096
 
 
 def _rename_dims(model, axes: list[dict[int, str]]) -> None:
@@ -159,8 +164,8 @@ def _export_raw(module: nn.Module, inputs: tuple, path: Path, names_in: list[str
                               external_data=True, verbose=False, optimize=True)
         return "dynamo", program
     except Exception as err:  # noqa: BLE001 - fall back to the legacy exporter, and say why
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        notes.append(f"the dynamo exporter failed ({reason}); used the legacy TorchScript exporter")
+        dynamo_reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        notes.append(f"the dynamo exporter failed ({dynamo_reason}); used the legacy TorchScript exporter")
     axes = {name: dims for name, dims in zip(names_in, dynamic_axes_for(trace))}
     axes.update({name: {0: "batch"} for name in names_out})
     wrapped = _flat_output_view(module, trace)
@@ -171,7 +176,7 @@ def _export_raw(module: nn.Module, inputs: tuple, path: Path, names_in: list[str
                               dynamic_axes=axes, opset_version=opset or 17, do_constant_folding=True)
     except Exception as err:  # noqa: BLE001
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SrcompressError(f"neither ONNX exporter could export the model ({reason})",
+        raise SrcompressError(f"neither ONNX exporter could export the model (torch.export: {dynamo_reason}; legacy: {reason})",
                               "check that the model runs under torch.export, or report the operator that fails") from err
     _refuse_frozen_branches(caught, notes)
     return "legacy", None
@@ -293,9 +298,21 @@ def parity_cases(batches: list[tuple]) -> list[tuple]:
         if len(lengths) == 1 and lengths[0] > 2:  # one length only: cut a shorter copy
             cut = max(2, lengths[0] // 2)
             shortest = tuple(t[:, :cut].contiguous() for t in longest)
-        return [tuple(t[:1] for t in shortest), _rows(longest, 7), _rows(shortest, 3)]
+        cases = [tuple(t[:1] for t in shortest), _rows(longest, 7), _rows(shortest, 3)]
+        padded = _padded(cases[1])
+        return cases + ([padded] if padded else [])
     pool = tuple(torch.cat([b[i] for b in batches]) for i in range(len(first)))
     return [tuple(t[:1] for t in pool), _rows(pool, 7)]
+
+
+def _padded(batch: tuple) -> tuple | None:
+    """The batch with the second half of every other row masked out, when its second input is an attention mask
+    (0/1 values): a mask that only ever held ones could hide an exporter that specialised on it."""
+    if len(batch) < 2 or not is_text_input(batch[1]) or not bool(((batch[1] == 0) | (batch[1] == 1)).all()) or batch[1].shape[1] < 2:
+        return None
+    mask = batch[1].clone()
+    mask[::2, mask.shape[1] // 2:] = 0
+    return (batch[0], mask, *batch[2:])
 
 
 def _rows(batch: tuple, count: int) -> tuple:
