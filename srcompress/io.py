@@ -233,15 +233,26 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as err:
-        raise SrcompressError(
-            f"{path} is a pickled module whose class cannot be imported ({err})",
-            "install the package that defines the model, or save it as .pt2 with torch.export.save",
-        ) from err
+        raise SrcompressError(f"{path} is a pickled module whose class cannot be imported ({err})", _import_hint(err, path)) from err
     except Exception as err:  # noqa: BLE001
         raise _corrupt(path, err) from err
     if not isinstance(obj, nn.Module):
         raise SrcompressError(f"{path} holds a {type(obj).__name__}, not an nn.Module", "save the model itself with torch.save(model)")
     return obj
+
+
+def _import_hint(err: Exception, path: Path) -> str:
+    """How to make the class importable: a script's class cannot be; a module lying in the working folder or
+    beside the model is not imported from there unless the user says so (it would run that folder's code)."""
+    if "__main__" in str(err):
+        return "the class was defined in a script (__main__): move it into a module and re-save, or save as .pt2 with torch.export.save"
+    missing = getattr(err, "name", None)
+    if missing:
+        top = missing.split(".")[0]
+        for folder in dict.fromkeys([Path.cwd(), path.resolve().parent]):
+            if (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file():
+                return f"{top} is in {folder}, which Python does not search here: run with PYTHONPATH={folder} if you trust its code"
+    return "install the package that defines the model, or save it as .pt2 with torch.export.save"
 
 
 def _bake_pruning_state(module: nn.Module, notes: list[str]) -> nn.Module:

@@ -94,6 +94,20 @@ def test_a_flipped_byte_in_the_weights_is_caught(cli, tmp_path, model_files, suf
     assert_clean_failure(cli("prune", "--sparsity", "0.5", path, "-o", out), out, "fails its checksum", inputs=[(path, sha256(path))])
 
 
+def test_a_class_that_cannot_be_imported_gets_a_hint_that_fits(cli, tmp_path):
+    (tmp_path / "netdef.py").write_text("import torch\nclass Net(torch.nn.Sequential):\n    pass\n")
+    save = "import torch, netdef\ntorch.save(netdef.Net(torch.nn.Linear(8, 4)), 'net.pt')\n"
+    script = "import torch\nclass Net(torch.nn.Sequential):\n    pass\ntorch.save(Net(torch.nn.Linear(8, 4)), 'main.pt')\n"
+    for code in (save, script):
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--sparsity", "0.5", tmp_path / "net.pt", "-o", out)  # netdef lies beside the model only
+    assert result.exit_code == 2 and f"run with PYTHONPATH={tmp_path} if you trust its code" in result.stderr, result.stderr
+    result = cli("prune", "--sparsity", "0.5", tmp_path / "main.pt", "-o", out)
+    assert result.exit_code == 2 and "defined in a script (__main__)" in result.stderr, result.stderr
+    assert not out.exists()
+
+
 def test_state_dict_needs_arch(cli, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(DigitCNN().state_dict(), path)
