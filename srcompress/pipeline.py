@@ -85,11 +85,30 @@ def prune_model(
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
     if embeddings:
         report.notes.append(f"{len(embeddings)} embedding table(s) kept dense: {', '.join(sorted(embeddings))}")
+    uncovered = _uncovered_weights(model, {layer.name for layer in layers} | set(embeddings))
+    if uncovered:
+        count = sum(n for _, n in uncovered.values())
+        where = ", ".join(f"{name} ({kind})" for name, (kind, _) in list(uncovered.items())[:4])
+        report.notes.append(f"{count:,} weights ({count / max(totals_before['params'], 1):.1%} of the model) are in layers mask "
+                            f"pruning does not cover and stay dense: {where}")
     skipped = [p for p in plans if not p.pruned]
     if skipped:
         report.notes.append(f"{len(skipped)} of {len(plans)} layers kept dense (see the note column)")
     _judge(report, plans)
     return report
+
+
+def _uncovered_weights(model: nn.Module, covered: set[str]) -> dict[str, tuple[str, int]]:
+    """Modules holding matrix weights that are neither traced conv/linear layers nor embeddings (LSTM, GRU,
+    custom layers), with their type and weight count."""
+    found: dict[str, tuple[str, int]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param.dim() >= 2 and full not in covered:
+                kind, count = found.get(module_name or "model", (type(module).__name__, 0))
+                found[module_name or "model"] = (kind, count + param.numel())
+    return found
 
 
 def _judge(report: PruneReport, plans) -> None:

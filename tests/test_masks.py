@@ -205,3 +205,27 @@ def test_real_models_detect_their_patterns():
     patterns = {detect_pattern(p.layer) for p in plans if p.pruned}
     assert patterns <= {"block:32x32", "block:64x32", "block:32x64", "block:64x64", "dense"}  # global may spare a layer
     assert "block:32x32" in patterns
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.emb(x))
+        return self.head(out[:, -1])
+
+
+def test_weights_mask_pruning_does_not_cover_are_named_in_the_report():
+    from srcompress.pipeline import prune_model
+
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    report = prune_model(model, (torch.randint(0, 100, (1, 12)),), MaskSpec(0.5, keep_last=False))
+    lstm = sum(p.numel() for n, p in model.lstm.named_parameters() if p.dim() == 2)
+    note = next(n for n in report.notes if "mask pruning does not cover" in n)
+    assert note.startswith(f"{lstm:,} weights") and note.endswith("lstm (LSTM)")
+    assert all(torch.count_nonzero(p) == p.numel() for p in model.lstm.parameters())
