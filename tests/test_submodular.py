@@ -179,6 +179,12 @@ def test_calibration_sources(tmp_path):
         load_calibration(str(tmp_path / "missing"), 4)
     with pytest.raises(SrcompressError, match="30 or fewer"):
         load_calibration(str(tmp_path / "x.pt"), 31)
+    (tmp_path / "notes.pt").write_text("not tensors\n")
+    with pytest.raises(SrcompressError, match="is not a torch.save or numpy file"):
+        load_calibration(str(tmp_path / "notes.pt"), 4)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:2000])
+    with pytest.raises(SrcompressError, match=r"cannot be read \(RuntimeError: "):
+        load_calibration(str(tmp_path / "cut.pt"), 4)
 
 
 def test_cli_submodular_needs_calibration(cli, tmp_path, model_files):

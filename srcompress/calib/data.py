@@ -122,6 +122,11 @@ def _load(source, samples, seed, batch_size, example_inputs, tokenizer, image_si
 
 
 def _tensor_file(path: Path, samples: int, seed: int, batch_size: int) -> CalibrationSet:
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # a zip (torch.save, .npz) or a legacy pickle
+        raise SrcompressError(f"calibration file {path} is not a torch.save or numpy file",
+                              "save a tensor with torch.save(x, path) or numpy.savez(path, x=x); a .txt file is read as sentences")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -131,7 +136,8 @@ def _tensor_file(path: Path, samples: int, seed: int, batch_size: int) -> Calibr
             obj = torch.load(path, map_location="cpu", weights_only=True)
             x = obj if isinstance(obj, torch.Tensor) else next((obj[k] for k in ("x", "inputs", "images") if isinstance(obj, dict) and k in obj), None)
     except Exception as err:  # noqa: BLE001 - any failure means a bad file
-        raise SrcompressError(f"calibration file {path} cannot be read ({str(err).splitlines()[0][:120]})",
+        reason = (str(err).strip().splitlines() or [""])[0][:120]
+        raise SrcompressError(f"calibration file {path} cannot be read ({type(err).__name__}{': ' + reason if reason else ''})",
                               "save a tensor with torch.save(x, path) or numpy.savez(path, x=x)") from err
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise SrcompressError(f"calibration file {path} holds no input tensor", "store the inputs as a tensor under the key 'x'")
