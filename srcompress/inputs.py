@@ -98,6 +98,9 @@ def guess_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
             return inputs
         except SrcompressError:
             continue
+    if hasattr(model, "encode") and hasattr(model, "tokenize"):  # a sentence-transformers pipeline takes a dict of features
+        raise SrcompressError(f"{type(model).__name__} wraps its transformer in a pipeline that takes a dict of features",
+                              "prune the transformer itself: torch.save(model[0].auto_model, path), then pass that file")
     raise SrcompressError("could not guess an input the model accepts", "pass --input-shape (and --input-dtype int64 for token ids)")
 
 

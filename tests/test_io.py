@@ -290,3 +290,11 @@ def test_output_format_follows_the_file_name_and_refuses_a_contradiction(cli, tm
         result = cli("prune", "--sparsity", "0.5", *source, *args)
         assert result.exit_code == 2 and needle in result.stderr, result.stderr
         assert not args[-1].exists()
+
+
+def test_a_sentence_transformers_pipeline_is_pointed_at_its_transformer():
+    from srcompress import assets
+    from srcompress.inputs import guess_example_inputs
+
+    with pytest.raises(SrcompressError, match=r"SentenceTransformer wraps its transformer .*model\[0\]\.auto_model"):
+        guess_example_inputs(assets.minilm())
