@@ -106,8 +106,8 @@ def main() -> None:
               help="Deployment target; gpu rounds structured widths to multiples of 8 unless --round-to is given.")
 @click.option("--uniform", is_flag=True, help="With --structured: equivalent groups (e.g. every FFN) keep equal widths.")
 @click.option("--calib", "calib", default=None,
-              help="Calibration data for data-driven methods: .npz/.pt tensors, an image folder, a .txt of sentences, "
-                   "or mnist5k, photos, sentences, random.")
+              help="Calibration data for data-driven methods (data-free ones only measure output drift on it): .npz/.pt "
+                   "tensors, an image folder, a .txt of sentences, or mnist5k, photos, sentences, random.")
 @click.option("--calib-samples", type=int, default=512, show_default=True, help="Number of calibration samples.")
 @click.option("--tokenizer", default=None, help="Hugging Face tokenizer folder for text calibration.")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Image side for image-folder calibration.")
@@ -181,14 +181,13 @@ def _default_output(model_path: Path | None, example: str | None, fmt: str | Non
 
 
 def _calibration(method: str, options: dict, example: str | None, inputs: tuple, model, seed: int):
-    """Calibration data when the method needs it (the bundled example brings its own default)."""
+    """Calibration data when the method needs it (the bundled example brings its own default), or when given to a
+    data-free method, which then only measures its output drift on it."""
     from .compress.registry import get_method
 
-    if not get_method(method, structured=True).needs_data:
-        if options["source"]:
-            raise SrcompressError(f"method {method!r} uses no data, but --calib was given", "drop --calib or pick a data-driven method")
-        return None
     source = options["source"]
+    if not get_method(method, structured=True).needs_data and not source:
+        return None  # a data-free method given --calib uses it only to measure output drift
     if source is None and example:
         from .examples import get_example
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import ui
@@ -166,6 +167,8 @@ def prune_structured(
                               "use --method surgery, or drop --saliency-threshold and pass --sparsity")
     set_eval(model)
     reference = flatten_outputs(run_model(model, example_inputs))
+    probes = _first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
+    probe_references = [flatten_outputs(run_model(model, batch)) for batch in probes]
     layers, _ = trace_layers(model, example_inputs)
     flops = {layer.name: layer.flops for layer in layers}
     eval_before = evaluate(model) if evaluate else None
@@ -213,7 +216,8 @@ def prune_structured(
         request={"method": chosen.name, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
                  "min_keep": spec.min_keep, "round_to": spec.round_to, "exclude": list(spec.exclude),
                  "uniform_widths": spec.uniform_widths, "seed": spec.seed, "stop_threshold": spec.stop_threshold,
-                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance}
+                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance,
+                                  "used_for": "choosing units" if chosen.needs_data else "measuring output drift only"}
                                  if calibration is not None else None)},
         groups=rows, before={"params": params_before, "flops": flops_before},
         after={"params": params_after, "flops": flops_after},
@@ -224,8 +228,44 @@ def prune_structured(
     )
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
+    if probes:
+        report.drift = output_drift(probe_references, model, probes, seen=chosen.needs_data)
     _judge_structured(report, groups, spec)
     return report
+
+
+DRIFT_SAMPLES = 64  # calibration samples the report's output drift is measured on
+
+
+def _first_batches(batches: list[tuple], samples: int) -> list[tuple]:
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        chosen.append(batch)
+        seen += int(batch[0].shape[0])
+    return chosen
+
+
+def output_drift(references: list[list[torch.Tensor]], model: nn.Module, batches: list[tuple], seen: bool) -> dict[str, Any]:
+    """How far the outputs moved from ``references`` on calibration ``batches``: the relative L2 change over all
+    outputs, and the top-1 agreement when the first output is class scores. For a user's model (no bundled
+    evaluator) this is the report's quality figure; held out only if the method did not ``see`` the data."""
+    change = size = agree = rows = 0.0
+    classes = True
+    for batch, reference in zip(batches, references):
+        outputs = flatten_outputs(run_model(model, batch))
+        change += sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, reference))
+        size += sum(float((r.float() ** 2).sum()) for r in reference)
+        first, want = outputs[0], reference[0]
+        classes = classes and want.dim() == 2 and want.shape[1] > 1 and want.is_floating_point()
+        if classes:
+            agree += float((first.argmax(1) == want.argmax(1)).sum())
+            rows += want.shape[0]
+    samples = sum(int(batch[0].shape[0]) for batch in batches)
+    return {"inputs": f"{samples} calibration samples ({'seen while pruning' if seen else 'not used by the data-free method: held out'})",
+            "relative_error": math.sqrt(change / size) if size > 0 else float(change > 0),
+            "top1_agreement": agree / rows if classes and rows else None}
 
 
 def _bounds_step(group, spec: StructuredSpec) -> int:

@@ -198,6 +198,7 @@ class StructuredReport:
     hf_config: dict[str, Any] | None = None
     form: dict[str, str] = field(default_factory=lambda: dict(zip(("form", "speed"), STRUCTURED_FORM)))
     evaluation: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.output_drift)
     files: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -207,6 +208,13 @@ class StructuredReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def render_drift(console, drift: dict[str, Any] | None) -> None:
+    if not drift:
+        return
+    agreement = f", top-1 agreement {drift['top1_agreement']:.1%}" if drift.get("top1_agreement") is not None else ""
+    console.print(f"output drift on {drift['inputs']}: {drift['relative_error']:.2%} relative change{agreement}")
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
@@ -268,6 +276,7 @@ def render_structured(console: Console, report: StructuredReport) -> None:
         ev = report.evaluation
         console.print(f"{ev['metric']} on {ev['dataset']}: before {ev['before']:.2%}, after {ev['after']:.2%} "
                       f"({(ev['after'] - ev['before']) * 100:+.2f} points)")
+    render_drift(console, report.drift)
     if report.files.get("output"):
         f = report.files
         console.print(f"wrote {f['output']} ({f['format']}, {_count(f['output_bytes'])}B)")

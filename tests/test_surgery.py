@@ -281,3 +281,27 @@ def test_least_squares_fold_beats_pairwise_fold_when_the_statistics_hold():
     report = prune_structured(dense, (x[:1],), StructuredSpec(0.1), "surgery")
     assert report.groups[0]["units_after"] == 9 and report.groups[0]["info"]["fold"] == "least squares"
     torch.testing.assert_close(dense(x).detach(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_given_to_surgery_only_measures_drift(cli, tmp_path, model_files):
+    """--calib with a data-free method: the same model as without it, plus a held-out output-drift figure."""
+    plain, measured = tmp_path / "plain.pt", tmp_path / "measured.pt"
+    args = ("prune", "--method", "surgery", "--sparsity", "0.5", model_files["cnn"])
+    assert cli(*args, "-o", plain, "--quiet").exit_code == 0
+    result = cli(*args, "--calib", "mnist5k", "--calib-samples", "100", "-o", measured, "--json")
+    assert result.exit_code == 0, result.stderr
+    a, b = (torch.load(p, weights_only=False).state_dict() for p in (plain, measured))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.json["request"]["calibration"]["used_for"] == "measuring output drift only"
+    drift = result.json["drift"]
+    assert drift["inputs"] == "64 calibration samples (not used by the data-free method: held out)"
+    assert 0 < drift["relative_error"] < 1 and 0.9 <= drift["top1_agreement"] <= 1
+
+
+def test_submodular_reports_drift_on_the_samples_it_saw(cli, tmp_path, model_files):
+    result = cli("prune", "--method", "submodular", "--sparsity", "0.5", "--calib", "mnist5k", "--calib-samples", "100",
+                 model_files["cnn"], "-o", tmp_path / "s.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    drift = result.json["drift"]
+    assert drift["inputs"] == "64 calibration samples (seen while pruning)" and 0 < drift["relative_error"] < 1
+    assert result.json["request"]["calibration"]["used_for"] == "choosing units"
