@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import ui
+from .calib.data import first_batches
 from .compress.graph import build_graph
 from .compress.layers import trace_layers
 from .compress.masks import MaskSpec, apply_masks, compute_masks, plan_layers
@@ -167,7 +168,7 @@ def prune_structured(
                               "use --method surgery, or drop --saliency-threshold and pass --sparsity")
     set_eval(model)
     reference = flatten_outputs(run_model(model, example_inputs))
-    probes = _first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
+    probes = first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
     probe_references = [flatten_outputs(run_model(model, batch)) for batch in probes]
     layers, _ = trace_layers(model, example_inputs)
     flops = {layer.name: layer.flops for layer in layers}
@@ -235,16 +236,6 @@ def prune_structured(
 
 
 DRIFT_SAMPLES = 64  # calibration samples the report's output drift is measured on
-
-
-def _first_batches(batches: list[tuple], samples: int) -> list[tuple]:
-    chosen, seen = [], 0
-    for batch in batches:
-        if seen >= samples:
-            break
-        chosen.append(batch)
-        seen += int(batch[0].shape[0])
-    return chosen
 
 
 def output_drift(references: list[list[torch.Tensor]], model: nn.Module, batches: list[tuple], seen: bool) -> dict[str, Any]:

@@ -38,6 +38,17 @@ class CalibrationSet:
         return iter(self.batches)
 
 
+def first_batches(batches: list[tuple], samples: int) -> list[tuple]:
+    """Leading batches holding at least ``samples`` samples (all of them if there are fewer)."""
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        chosen.append(batch)
+        seen += int(batch[0].shape[0])
+    return chosen
+
+
 def _chunks(x: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor]]:
     return [(chunk,) for chunk in x.split(batch_size)]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calib.data import first_batches
 from ..errors import SrcompressError
 from .onnx import _quiet_exporter, run_session, save_onnx, session
 
@@ -142,15 +143,9 @@ class _Quantizer:
             options["calibration_cache_path"] = str(scratch / "ranges.json")
         self._quantize_static, self._options = quantize_static, options
         self.corrector = _BiasCorrector(pre, names, batches)
-        probe, count = [], 0
-        for batch in batches:
-            if count >= PROBE_SAMPLES:
-                break
-            probe.append(batch)
-            count += int(batch[0].shape[0])
-        self.probe = probe
+        self.probe = first_batches(batches, PROBE_SAMPLES)
         reference = session(pre)
-        self.reference = [run_session(reference, b)[0].astype(np.float64) for b in probe]
+        self.reference = [run_session(reference, b)[0].astype(np.float64) for b in self.probe]
 
     def __call__(self, out: Path, exclude: tuple[str, ...]) -> float:
         """Quantize with ``exclude`` kept fp32 into ``out``; returns the relative output error on the probe."""
