@@ -180,14 +180,14 @@ def _default_output(model_path: Path | None, example: str | None, fmt: str | Non
     return Path(f"{stem}.pruned{ext}")
 
 
-def _calibration(method: str, options: dict, example: str | None, inputs: tuple, model, seed: int):
-    """Calibration data when the method needs it (the bundled example brings its own default), or when given to a
-    data-free method, which then only measures its output drift on it."""
+def _calibration(method: str | None, options: dict, example: str | None, inputs: tuple, model, seed: int):
+    """Calibration data when the structured ``method`` needs it (the bundled example brings its own default), or when
+    given to a data-free or mask method (``method`` None), which then only measures its output drift on it."""
     from .compress.registry import get_method
 
     source = options["source"]
-    if not get_method(method, structured=True).needs_data and not source:
-        return None  # a data-free method given --calib uses it only to measure output drift
+    if (method is None or not get_method(method, structured=True).needs_data) and not source:
+        return None  # otherwise --calib only measures output drift
     if source is None and example:
         from .examples import get_example
 
@@ -213,13 +213,13 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     fmt = output_format(output, fmt, loaded.format)
-    calibration = _calibration(method, calibration_options, example, inputs, loaded.module, spec.seed) if structured else None
+    calibration = _calibration(method if structured else None, calibration_options, example, inputs, loaded.module, spec.seed)
     with ui.phase(f"pruning with {method}"):
         if structured:
             report = prune_structured(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source,
                                       calibration=calibration)
         else:
-            report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source)
+            report = prune_model(loaded.module, inputs, spec, method, evaluate=evaluate, input_source=source, calibration=calibration)
     report.notes = loaded.notes + report.notes
     if source == "guessed":
         report.notes.append(f"example input shape {list(inputs[0].shape)} was guessed; pass --input-shape to set it")

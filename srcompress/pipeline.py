@@ -35,8 +35,10 @@ def prune_model(
     *,
     evaluate: Evaluator | None = None,
     input_source: str = "given",
+    calibration: Any = None,
 ) -> PruneReport:
-    """Prune ``model`` in place with a mask method and report what happened.
+    """Prune ``model`` in place with a mask method and report what happened (with ``calibration``, also the output
+    drift on it: mask methods use no data, so it is held out).
 
     The report's ``ok`` is False (with ``problem`` saying why) when nothing changed or the sparsity
     reached misses the request by more than one pruning unit per layer.
@@ -54,6 +56,8 @@ def prune_model(
     eval_before = evaluate(model) if evaluate else None
 
     plans = plan_layers(layers, spec)
+    probes = first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
+    probe_references = [flatten_outputs(run_model(model, batch)) for batch in probes]
     masks = compute_masks(plans, spec, chosen.score)
     changed = apply_masks(plans, masks)
 
@@ -76,7 +80,9 @@ def prune_model(
     report = PruneReport(
         request={"method": method, "sparsity": spec.sparsity, "pattern": str(spec.pattern), "scope": spec.scope,
                  "min_density": spec.min_density, "exclude": list(spec.exclude), "keep_first": spec.keep_first,
-                 "keep_last": spec.keep_last, "seed": spec.seed},
+                 "keep_last": spec.keep_last, "seed": spec.seed,
+                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance,
+                                  "used_for": "measuring output drift only"} if calibration is not None else None)},
         layers=rows, before=totals_before, after=totals_after,
         sparsity={"asked": spec.sparsity, "reached": reached, "tolerance": tolerance, "pruned_layers": len(pruned)},
         form=dict(zip(("form", "speed"), FORMS[spec.pattern.kind])),
@@ -85,6 +91,8 @@ def prune_model(
     )
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
+    if probes:
+        report.drift = output_drift(probe_references, model, probes, seen=False)
     if embeddings:
         report.notes.append(f"{len(embeddings)} embedding table(s) kept dense: {', '.join(sorted(embeddings))}")
     uncovered = _uncovered_weights(model, {layer.name for layer in layers} | set(embeddings))

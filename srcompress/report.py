@@ -113,6 +113,7 @@ class PruneReport:
     changed_weights: int
     example_input: dict[str, Any]
     evaluation: dict[str, Any] | None = None
+    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.output_drift)
     files: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -169,6 +170,7 @@ def render_prune(console: Console, report: PruneReport) -> None:
         ev = report.evaluation
         console.print(f"{ev['metric']} on {ev['dataset']}: before {ev['before']:.2%}, after {ev['after']:.2%} "
                       f"({(ev['after'] - ev['before']) * 100:+.2f} points)")
+    render_drift(console, report.drift)
     if report.files.get("output"):
         f = report.files
         sizes = f"{_count(f['output_bytes'])}B" + (f", input {_count(f['input_bytes'])}B" if f.get("input_bytes") else "")

@@ -283,10 +283,12 @@ def test_least_squares_fold_beats_pairwise_fold_when_the_statistics_hold():
     torch.testing.assert_close(dense(x).detach(), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_calibration_given_to_surgery_only_measures_drift(cli, tmp_path, model_files):
-    """--calib with a data-free method: the same model as without it, plus a held-out output-drift figure."""
+@pytest.mark.parametrize("method", ["surgery", "magnitude"])
+def test_calibration_given_to_a_data_free_method_only_measures_drift(cli, tmp_path, model_files, method):
+    """--calib with a data-free method (structured or masks): the same model as without it, plus a held-out
+    output-drift figure."""
     plain, measured = tmp_path / "plain.pt", tmp_path / "measured.pt"
-    args = ("prune", "--method", "surgery", "--sparsity", "0.5", model_files["cnn"])
+    args = ("prune", "--method", method, "--sparsity", "0.5", model_files["cnn"])
     assert cli(*args, "-o", plain, "--quiet").exit_code == 0
     result = cli(*args, "--calib", "mnist5k", "--calib-samples", "100", "-o", measured, "--json")
     assert result.exit_code == 0, result.stderr
