@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from . import ui
@@ -56,8 +55,7 @@ def prune_model(
     eval_before = evaluate(model) if evaluate else None
 
     plans = plan_layers(layers, spec)
-    probes = first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
-    probe_references = [flatten_outputs(run_model(model, batch)) for batch in probes]
+    probe = DriftProbe(model, calibration)
     masks = compute_masks(plans, spec, chosen.score)
     changed = apply_masks(plans, masks)
 
@@ -80,9 +78,7 @@ def prune_model(
     report = PruneReport(
         request={"method": method, "sparsity": spec.sparsity, "pattern": str(spec.pattern), "scope": spec.scope,
                  "min_density": spec.min_density, "exclude": list(spec.exclude), "keep_first": spec.keep_first,
-                 "keep_last": spec.keep_last, "seed": spec.seed,
-                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance,
-                                  "used_for": "measuring output drift only"} if calibration is not None else None)},
+                 "keep_last": spec.keep_last, "seed": spec.seed, "calibration": probe.request(calibration, used=False)},
         layers=rows, before=totals_before, after=totals_after,
         sparsity={"asked": spec.sparsity, "reached": reached, "tolerance": tolerance, "pruned_layers": len(pruned)},
         form=dict(zip(("form", "speed"), FORMS[spec.pattern.kind])),
@@ -91,8 +87,7 @@ def prune_model(
     )
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
-    if probes:
-        report.drift = output_drift(probe_references, model, probes, seen=False)
+    report.drift = probe.measure(model, seen=False)
     if embeddings:
         report.notes.append(f"{len(embeddings)} embedding table(s) kept dense: {', '.join(sorted(embeddings))}")
     uncovered = _uncovered_weights(model, {layer.name for layer in layers} | set(embeddings))
@@ -176,8 +171,7 @@ def prune_structured(
                               "use --method surgery, or drop --saliency-threshold and pass --sparsity")
     set_eval(model)
     reference = flatten_outputs(run_model(model, example_inputs))
-    probes = first_batches(calibration.batches, DRIFT_SAMPLES) if calibration is not None else []
-    probe_references = [flatten_outputs(run_model(model, batch)) for batch in probes]
+    probe = DriftProbe(model, calibration)
     layers, _ = trace_layers(model, example_inputs)
     flops = {layer.name: layer.flops for layer in layers}
     eval_before = evaluate(model) if evaluate else None
@@ -225,9 +219,7 @@ def prune_structured(
         request={"method": chosen.name, "amount": spec.amount, "target": spec.target, "allocation": spec.allocation,
                  "min_keep": spec.min_keep, "round_to": spec.round_to, "exclude": list(spec.exclude),
                  "uniform_widths": spec.uniform_widths, "seed": spec.seed, "stop_threshold": spec.stop_threshold,
-                 "calibration": ({"description": calibration.description, "samples": len(calibration), **calibration.provenance,
-                                  "used_for": "choosing units" if chosen.needs_data else "measuring output drift only"}
-                                 if calibration is not None else None)},
+                 "calibration": probe.request(calibration, used=chosen.needs_data)},
         groups=rows, before={"params": params_before, "flops": flops_before},
         after={"params": params_after, "flops": flops_after},
         reached=reached, tolerance=steps / max(total_units, 1) if spec.target == "channels" else 0.0,
@@ -237,34 +229,49 @@ def prune_structured(
     )
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
-    if probes:
-        report.drift = output_drift(probe_references, model, probes, seen=chosen.needs_data)
+    report.drift = probe.measure(model, seen=chosen.needs_data)
     _judge_structured(report, groups, spec)
     return report
 
 
-DRIFT_SAMPLES = 64  # calibration samples the report's output drift is measured on
+class DriftProbe:
+    """The model's outputs on its first 64 calibration samples, taken before pruning, to measure afterwards how far
+    they moved: for a user's model (no bundled evaluator) the report's quality figure."""
 
+    SAMPLES = 64
 
-def output_drift(references: list[list[torch.Tensor]], model: nn.Module, batches: list[tuple], seen: bool) -> dict[str, Any]:
-    """How far the outputs moved from ``references`` on calibration ``batches``: the relative L2 change over all
-    outputs, and the top-1 agreement when the first output is class scores. For a user's model (no bundled
-    evaluator) this is the report's quality figure; held out only if the method did not ``see`` the data."""
-    change = size = agree = rows = 0.0
-    classes = True
-    for batch, reference in zip(batches, references):
-        outputs = flatten_outputs(run_model(model, batch))
-        change += sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, reference))
-        size += sum(float((r.float() ** 2).sum()) for r in reference)
-        first, want = outputs[0], reference[0]
-        classes = classes and want.dim() == 2 and want.shape[1] > 1 and want.is_floating_point()
-        if classes:
-            agree += float((first.argmax(1) == want.argmax(1)).sum())
-            rows += want.shape[0]
-    samples = sum(int(batch[0].shape[0]) for batch in batches)
-    return {"inputs": f"{samples} calibration samples ({'seen while pruning' if seen else 'not used by the data-free method: held out'})",
-            "relative_error": math.sqrt(change / size) if size > 0 else float(change > 0),
-            "top1_agreement": agree / rows if classes and rows else None}
+    def __init__(self, model: nn.Module, calibration: Any):
+        self.batches = first_batches(calibration.batches, self.SAMPLES) if calibration is not None else []
+        self.references = [flatten_outputs(run_model(model, batch)) for batch in self.batches]
+
+    @staticmethod
+    def request(calibration: Any, used: bool) -> dict[str, Any] | None:
+        """The calibration entry of a report's request: what the data was and what it was used for."""
+        if calibration is None:
+            return None
+        return {"description": calibration.description, "samples": len(calibration), **calibration.provenance,
+                "used_for": "choosing units" if used else "measuring output drift only"}
+
+    def measure(self, model: nn.Module, seen: bool) -> dict[str, Any] | None:
+        """Relative L2 change over all outputs, and top-1 agreement when the first output is class scores; held out
+        only if the method did not ``see`` the data. None without calibration data."""
+        if not self.batches:
+            return None
+        change = size = agree = rows = 0.0
+        classes = True
+        for batch, reference in zip(self.batches, self.references):
+            outputs = flatten_outputs(run_model(model, batch))
+            change += sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, reference))
+            size += sum(float((r.float() ** 2).sum()) for r in reference)
+            first, want = outputs[0], reference[0]
+            classes = classes and want.dim() == 2 and want.shape[1] > 1 and want.is_floating_point()
+            if classes:
+                agree += float((first.argmax(1) == want.argmax(1)).sum())
+                rows += want.shape[0]
+        samples = sum(int(batch[0].shape[0]) for batch in self.batches)
+        return {"inputs": f"{samples} calibration samples ({'seen while pruning' if seen else 'not used by the data-free method: held out'})",
+                "relative_error": math.sqrt(change / size) if size > 0 else float(change > 0),
+                "top1_agreement": agree / rows if classes and rows else None}
 
 
 def _bounds_step(group, spec: StructuredSpec) -> int:

@@ -113,7 +113,7 @@ class PruneReport:
     changed_weights: int
     example_input: dict[str, Any]
     evaluation: dict[str, Any] | None = None
-    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.output_drift)
+    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.DriftProbe)
     files: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -200,7 +200,7 @@ class StructuredReport:
     hf_config: dict[str, Any] | None = None
     form: dict[str, str] = field(default_factory=lambda: dict(zip(("form", "speed"), STRUCTURED_FORM)))
     evaluation: dict[str, Any] | None = None
-    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.output_drift)
+    drift: dict[str, Any] | None = None  # how far the outputs moved on calibration data (pipeline.DriftProbe)
     files: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
