@@ -43,8 +43,9 @@ def set_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_model(model: nn.Module, inputs: tuple) -> Any:
-    """Run the model in eval mode without gradients; a failure becomes a one-line error."""
+def run_model(model: nn.Module, inputs: tuple, what: str = "an example input",
+              fix: str = "pass --input-shape (and --input-dtype) that the model accepts") -> Any:
+    """Run the model in eval mode without gradients; a failure becomes a one-line error about ``what`` was given."""
     set_eval(model)
     try:
         with torch.no_grad():
@@ -52,10 +53,7 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure means the input does not fit
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs if isinstance(t, torch.Tensor))
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SrcompressError(
-            f"the model cannot run on an example input of shape {shapes} ({reason})",
-            "pass --input-shape (and --input-dtype) that the model accepts",
-        ) from err
+        raise SrcompressError(f"the model cannot run on {what} of shape {shapes} ({reason})", fix) from err
 
 
 def _first_layer(model: nn.Module) -> nn.Module | None:

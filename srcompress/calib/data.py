@@ -74,23 +74,15 @@ def load_calibration(source: str, samples: int = 512, *, seed: int = 0, batch_si
 
 def check_fits(calibration: CalibrationSet, model, source: str, example_inputs: tuple | None = None) -> None:
     """Run ``model`` on one calibration sample; data of the wrong shape or kind becomes a one-line error."""
-    from ..inputs import set_eval
+    from ..inputs import run_model
 
-    first = tuple(t[:1] for t in calibration.batches[0])
-    set_eval(model)
-    try:
-        with torch.no_grad():
-            model(*first)
-    except Exception as err:  # noqa: BLE001 - any failure means the data does not fit the model
-        shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).replace('torch.', '')}" for t in first)
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SrcompressError(f"the model cannot run on calibration data {source!r} (samples of shape {shapes}: {reason})",
-                              "pass --calib data shaped like the model's inputs" + _shape_hint(example_inputs)) from err
+    run_model(model, tuple(t[:1] for t in calibration.batches[0]), what=f"calibration data {source!r}",
+              fix="pass --calib data shaped like the model's inputs" + _shape_hint(example_inputs))
 
 
 def _shape_hint(example_inputs: tuple | None) -> str:
     tensors = [t for t in example_inputs or () if isinstance(t, torch.Tensor)]
-    return f" (one sample of the example input is {', '.join(str(tuple(t.shape[1:])) for t in tensors)})" if tensors else ""
+    return f" (the example input is {', '.join(str(tuple(t.shape)) for t in tensors)})" if tensors else ""
 
 
 def _load(source, samples, seed, batch_size, example_inputs, tokenizer, image_size, mean, std, model) -> CalibrationSet:
