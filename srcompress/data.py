@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class Dataset:
     x: torch.Tensor
     y: torch.Tensor
     name: str
+    class_names: tuple[str, ...] | None = None  # an image folder's class sub-folders, in label order
 
     def __len__(self) -> int:
         return len(self.y)
@@ -46,8 +48,29 @@ class Dataset:
         return digest.hexdigest()
 
 
-def load_data(source: str, normalize: tuple[float, float] | None = None) -> Dataset:
-    """Load a classification data set from its name or path (see the module docstring)."""
+def _sample_digests(x: torch.Tensor) -> list[bytes]:
+    rows = x.reshape(len(x), -1).contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def held_out_note(train: Dataset, eval_x: torch.Tensor, eval_name: str) -> str | None:
+    """Refuse evaluation data whose every sample is in ``train`` (its accuracy is not held-out); a note when some are."""
+    seen = set(_sample_digests(train.x))
+    shared = sum(digest in seen for digest in _sample_digests(eval_x))
+    if shared == len(eval_x):
+        raise SrcompressError(f"every sample of the evaluation data ({eval_name}) is also in the training data ({train.name})",
+                              "evaluate on data the model does not train on (e.g. train on mnist5k:train, evaluate on mnist5k:test)")
+    if shared:
+        return f"{shared} of the {len(eval_x)} evaluation samples ({eval_name}) are also in the training data: accuracy on them is not held-out"
+    return None
+
+
+def load_data(source: str, normalize: tuple[float, float] | None = None, class_names: tuple[str, ...] | None = None) -> Dataset:
+    """Load a classification data set from its name or path (see the module docstring).
+
+    ``class_names`` (the training folder's classes) labels an evaluation folder the way training did, so an
+    evaluation folder lacking a class still gets the right labels.
+    """
     if source.split(":")[0] == "mnist5k":
         from . import assets
 
@@ -58,8 +81,9 @@ def load_data(source: str, normalize: tuple[float, float] | None = None) -> Data
     if not path.exists():
         raise SrcompressError(f"data not found: {source}", FORMAT_FIX)
     if path.is_dir():
-        x, y = _image_folder(path, normalize)
-    elif path.suffix == ".npz":
+        x, y, names = _image_folder(path, normalize, class_names)
+        return dataclasses.replace(_checked(x, y, str(path)), class_names=names)
+    if path.suffix == ".npz":
         x, y = _npz(path)
     else:
         x, y = _torch_file(path)
@@ -98,13 +122,21 @@ def _npz(path: Path) -> tuple:
     return _pick(arrays, path)
 
 
-def _image_folder(path: Path, normalize: tuple[float, float] | None) -> tuple:
+def _image_folder(path: Path, normalize: tuple[float, float] | None, class_names: tuple[str, ...] | None) -> tuple:
     from PIL import Image
 
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise SrcompressError(f"{path} has no class sub-folders", "put the images of each class in their own sub-folder")
-    files = [(f, label) for label, folder in enumerate(classes) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    names = tuple(folder.name for folder in classes)
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise SrcompressError(f"{path} has a class folder {unknown[0]!r} that the training data does not",
+                                  f"use the training classes ({', '.join(class_names[:6])}{', ...' if len(class_names) > 6 else ''})")
+        names = class_names
+    labels = {name: label for label, name in enumerate(names)}
+    files = [(f, labels[folder.name]) for folder in classes for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise SrcompressError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders of {path}", FORMAT_FIX)
     images = []
@@ -125,7 +157,7 @@ def _image_folder(path: Path, normalize: tuple[float, float] | None) -> tuple:
     if normalize is not None:
         mean, std = normalize
         x = (x - mean) / std
-    return x.contiguous(), torch.tensor([label for _, label in files])
+    return x.contiguous(), torch.tensor([label for _, label in files]), names
 
 
 def _checked(x, y, name: str) -> Dataset:

@@ -19,21 +19,28 @@ class Example:
     description: str
     load: Callable[[], nn.Module]
     example_inputs: Callable[[], tuple]
-    make_evaluator: Callable[[nn.Module], Callable[[nn.Module], dict[str, Any]]]
+    make_evaluator: Callable[[nn.Module], HeldOutAccuracy]
     calibration: str  # default --calib source for data-driven methods
 
 
-def _mnist_evaluator(_dense: nn.Module) -> Callable[[nn.Module], dict[str, Any]]:
-    images, labels = assets.mnist5k("test")
+@dataclass(frozen=True)
+class HeldOutAccuracy:
+    """Top-1 accuracy on a held-out set; ``inputs`` lets a caller check that nothing trains on them."""
 
-    def evaluate(model: nn.Module) -> dict[str, Any]:
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    dataset: str
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
         set_eval(model)
         with torch.no_grad():
-            predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(500)])
-        return {"metric": "accuracy", "dataset": f"MNIST-5k held-out ({len(labels)} images)",
-                "value": float((predictions == labels).float().mean())}
+            predictions = torch.cat([model(chunk).argmax(1) for chunk in self.inputs.split(500)])
+        return {"metric": "accuracy", "dataset": self.dataset, "value": float((predictions == self.labels).float().mean())}
 
-    return evaluate
+
+def _mnist_evaluator(_dense: nn.Module) -> HeldOutAccuracy:
+    images, labels = assets.mnist5k("test")
+    return HeldOutAccuracy(images, labels, f"MNIST-5k held-out ({len(labels)} images)")
 
 
 EXAMPLES = {

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,12 +45,12 @@ class Context:
     seed: int
     loaded_data: dict[str, Any] = field(default_factory=dict)
 
-    def dataset(self, source: str):
+    def dataset(self, source: str, class_names: tuple[str, ...] | None = None):
         from .data import load_data
 
-        if source not in self.loaded_data:
-            self.loaded_data[source] = load_data(source)
-        return self.loaded_data[source]
+        if (source, class_names) not in self.loaded_data:
+            self.loaded_data[source, class_names] = load_data(source, class_names=class_names)
+        return self.loaded_data[source, class_names]
 
     def eval_source(self) -> str | None:
         train = self.data.get("train", "")
@@ -61,6 +63,37 @@ class Context:
 class StageKind:
     parse: Callable[[dict[str, Any], int, dict], Any]  # (table, seed, data) -> validated stage config
     run: Callable[[nn.Module, Any, Context], tuple[nn.Module, dict[str, Any]]]
+
+
+def _typed(table: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...], described: str, example: str) -> Any:
+    """``table[key]`` (or ``default``) after checking its TOML type: a string is not a number, nor a list of globs."""
+    value = table.get(key, default)
+    if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        raise SrcompressError(f"{key} must be {described}, not {value!r}", f"e.g. {key} = {example}")
+    return value
+
+
+def _number(table, key, default=None):
+    return _typed(table, key, default, (int, float), "a number", "0.5")
+
+
+def _integer(table, key, default=None):
+    return _typed(table, key, default, (int,), "an integer", "3")
+
+
+def _text(table, key, default=None):
+    return _typed(table, key, default, (str,), "a string", '"..."')
+
+
+def _flag(table, key, default=False):
+    return _typed(table, key, default, (bool,), "true or false", "true")
+
+
+def _globs(table, key="exclude") -> tuple[str, ...]:
+    value = _typed(table, key, [], (list,), "a list of globs", '["fc*"]')
+    if not all(isinstance(item, str) for item in value):
+        raise SrcompressError(f"{key} must be a list of globs, not {value!r}", f'e.g. {key} = ["fc*"]')
+    return tuple(value)
 
 
 def _keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -76,15 +109,14 @@ def _parse_prune(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]
 
     allowed = {"sparsity", "pattern", "method", "scope", "min_density", "exclude", "prune_first", "prune_last", "seed"}
     _keys(table, allowed, "prune stage")
-    pattern = Pattern.parse(str(table.get("pattern", "unstructured")))
-    sparsity = table.get("sparsity", pattern.fixed_sparsity)
+    pattern = Pattern.parse(_text(table, "pattern", "unstructured"))
+    sparsity = _number(table, "sparsity", pattern.fixed_sparsity)
     if sparsity is None:
         raise SrcompressError("prune stage: sparsity is required", "add e.g. sparsity = 0.5")
-    spec = MaskSpec(float(sparsity), pattern, table.get("scope", "global"), float(table.get("min_density", 0.01)),
-                    tuple(table.get("exclude", ())), not table.get("prune_first", False), not table.get("prune_last", False),
-                    int(table.get("seed", seed)))
+    spec = MaskSpec(float(sparsity), pattern, _text(table, "scope", "global"), float(_number(table, "min_density", 0.01)),
+                    _globs(table), not _flag(table, "prune_first"), not _flag(table, "prune_last"), _integer(table, "seed", seed))
     spec.validate()
-    method = table.get("method", "magnitude")
+    method = _text(table, "method", "magnitude")
     if get_method(method).kind != "mask":
         raise SrcompressError(f"prune stage: method {method!r} removes whole units", 'use kind = "structured" for it')
     return {"spec": spec, "method": method}
@@ -99,16 +131,15 @@ def _parse_structured(table: dict[str, Any], seed: int, data: dict) -> dict[str,
     from .compress.structured import structured_spec
 
     _keys(table, STRUCTURED_KEYS, "structured stage")
-    method = get_method(table.get("method", "l1"), structured=True)
-    spec = structured_spec(table.get("sparsity"), "unstructured", table.get("target"), table.get("scope", method.default_scope),
-                           float(table.get("min_density", 0.01)), table.get("round_to"), table.get("hardware", "cpu"),
-                           bool(table.get("uniform", False)), tuple(table.get("exclude", ())), int(table.get("seed", seed)),
-                           table.get("saliency_threshold"))
-    calib = table.get("calib")
+    method = get_method(_text(table, "method", "l1"), structured=True)
+    spec = structured_spec(_number(table, "sparsity"), "unstructured", _text(table, "target"), _text(table, "scope", method.default_scope),
+                           float(_number(table, "min_density", 0.01)), _integer(table, "round_to"), _text(table, "hardware", "cpu"),
+                           _flag(table, "uniform"), _globs(table), _integer(table, "seed", seed), _number(table, "saliency_threshold"))
+    calib = _text(table, "calib")
     if method.needs_data and not calib:
         raise SrcompressError(f"structured stage: method {method.name!r} needs calibration data", 'add calib = "mnist5k" (or a file, a folder)')
-    calibration = {"source": calib, "samples": int(table.get("calib_samples", 512)), "tokenizer": table.get("tokenizer"),
-                   "image_size": int(table.get("image_size", 224))}
+    calibration = {"source": calib, "samples": _integer(table, "calib_samples", 512), "tokenizer": _text(table, "tokenizer"),
+                   "image_size": _integer(table, "image_size", 224)}
     return {"spec": spec, "method": method.name, "calibration": calibration}
 
 
@@ -152,25 +183,25 @@ def _parse_train(table: dict[str, Any], seed: int, data: dict) -> dict[str, Any]
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     _keys(table, fields | TRAIN_DATA_KEYS, "train stage")
-    values = {k: (tuple(v) if k == "exclude" else v) for k, v in table.items() if k in fields}
+    values = {k: (_globs(table) if k == "exclude" else v) for k, v in table.items() if k in fields}
     values.setdefault("seed", seed)
-    try:
-        config = TrainConfig(**values)
-    except TypeError as err:
-        raise SrcompressError(f"train stage: {err}", "check the recipe's keys") from err
+    config = TrainConfig(**values)
     config.validate()
-    source = table.get("data", data.get("train"))
+    source = _text(table, "data", data.get("train"))
     if not source:
         raise SrcompressError("train stage: no training data", "add [data] train = \"...\" or data = \"...\" to the stage")
-    return {"config": config, "data": source, "eval_data": table.get("eval_data")}
+    return {"config": config, "data": source, "eval_data": _text(table, "eval_data")}
 
 
 def _run_train(model: nn.Module, stage: dict[str, Any], context: Context) -> tuple[nn.Module, dict[str, Any]]:
     from .train import train_model
 
+    from .data import held_out_note
+
     train_data = context.dataset(stage["data"])
     eval_source = stage["eval_data"] or (context.eval_source() if stage["data"] == context.data.get("train") else None)
-    eval_data = context.dataset(eval_source) if eval_source else None
+    eval_data = context.dataset(eval_source, train_data.class_names) if eval_source else None
+    overlap = held_out_note(train_data, eval_data.x, eval_data.name) if eval_data is not None else None
     result = train_model(model, train_data, stage["config"], eval_data=eval_data, example_inputs=context.example_inputs)
     config = stage["config"]
     summary = f"{config.schedule} {config.pattern} training for {config.epochs} epochs"
@@ -179,7 +210,8 @@ def _run_train(model: nn.Module, stage: dict[str, Any], context: Context) -> tup
     if result.eval_after is not None:
         summary += f", accuracy {result.eval_before:.2%} -> {result.eval_after:.2%} on {eval_data.name}"
     return model, {"summary": summary, "config": config.to_json(), "history": result.history, "sparsity": result.sparse,
-                   "eval_before": result.eval_before, "eval_after": result.eval_after, "steps": result.steps}
+                   "eval_before": result.eval_before, "eval_after": result.eval_after, "steps": result.steps,
+                   "notes": result.notes + ([overlap] if overlap else [])}
 
 
 STAGES: dict[str, StageKind] = {
@@ -217,13 +249,15 @@ def load_recipe(path: Path) -> Recipe:
     stages = table.get("stage")
     if not isinstance(stages, list) or not stages:
         raise SrcompressError(f"recipe {path.name} has no [[stage]] tables", "add at least one [[stage]] with a kind")
-    data = table.get("data", {})
+    data = _typed(table, "data", {}, (dict,), "a table", '{ train = "mnist5k" }')
     _keys(data, {"train", "eval"}, "[data]")
-    seed = int(table.get("seed", 0))
+    for key in data:
+        _text(data, key)
+    seed = _integer(table, "seed", 0)
     parsed = []
     for index, stage in enumerate(stages, 1):
-        kind = stage.get("kind")
-        if kind not in STAGES:
+        kind = stage.get("kind") if isinstance(stage, dict) else None
+        if not isinstance(kind, str) or kind not in STAGES:
             raise SrcompressError(f"recipe stage {index}: unknown kind {kind!r}", f"use one of {', '.join(STAGES)}")
         try:
             parsed.append((kind, STAGES[kind].parse(stage, seed, data)))
@@ -244,11 +278,12 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     fmt = output_format(output, fmt, loaded.format)
     context = Context(inputs, recipe.data, recipe.seed)
+    notes = _check_before_running(recipe, loaded.module, context, evaluate)
     before = evaluate(loaded.module) if evaluate else None
     model = loaded.module
     reports = []
     for index, (kind, stage) in enumerate(recipe.stages, 1):
-        with ui.phase(f"stage {index}/{len(recipe.stages)}: {kind}"):
+        with ui.phase(f"stage {index}/{len(recipe.stages)}: {kind}"), _stage_errors(index):
             model, report = STAGES[kind].run(model, stage, context)
         reports.append({"kind": kind, **report})
     loaded = copy.copy(loaded)
@@ -258,4 +293,40 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     return {"ok": True, "recipe": str(recipe.path), "stages": reports,
             "evaluation": {"metric": before["metric"], "dataset": before["dataset"], "before": before["value"], "after": after["value"]} if before else None,
             "files": {"input": str(loaded.path) if loaded.path else "example", "output": str(written), "format": fmt},
-            "provenance": provenance(recipe.seed, loaded.sha256)}
+            "provenance": provenance(recipe.seed, loaded.sha256), "notes": notes}
+
+
+@contextmanager
+def _stage_errors(index: int):
+    """Errors raised while stage ``index`` runs name the stage, as errors found while parsing it do."""
+    try:
+        yield
+    except SrcompressError as err:
+        raise type(err)(f"recipe stage {index}: {err.problem}", err.fix) from err
+
+
+def _check_before_running(recipe: Recipe, model: nn.Module, context: Context, evaluate) -> list[str]:
+    """What can be checked once the model and data are known, before stage 1 runs: each mask stage's --exclude
+    globs match a layer, each train stage's schedule fits its steps, and the result is not evaluated on data a
+    train stage learns from (refused when all of the evaluation data is in the training data; a note when some is)."""
+    from .compress.layers import trace_layers
+    from .compress.masks import check_exclude_matches
+    from .data import held_out_note
+    from .train import make_config_schedule
+
+    notes = []
+    layers = None
+    for index, (kind, stage) in enumerate(recipe.stages, 1):
+        with _stage_errors(index):
+            exclude = stage["spec"].exclude if kind == "prune" else stage["config"].exclude if kind == "train" else ()
+            if exclude:
+                layers = layers or trace_layers(model, context.example_inputs)[0]
+                check_exclude_matches(exclude, [[layer.name, layer.module_name] for layer in layers])
+            if kind == "train":
+                data, config = context.dataset(stage["data"]), stage["config"]
+                if config.sparsity > 0:
+                    make_config_schedule(config, math.ceil(len(data) / config.batch_size) * config.epochs)
+                note = held_out_note(data, evaluate.inputs, evaluate.dataset) if evaluate is not None else None
+                if note:
+                    notes.append(f"stage {index}: {note}")
+    return notes

@@ -62,6 +62,13 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Check every value (types too: recipes hand them over straight from TOML) before anything runs."""
+        from .compress.masks import MaskSpec
+        from .compress.patterns import Pattern
+        from .compress.sparse_training import STATE_MODES
+
+        for item in dataclasses.fields(self):
+            _check_type(item.name, getattr(self, item.name), item.type)
         if self.schedule not in KINDS:
             raise SrcompressError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(KINDS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -79,9 +86,37 @@ class TrainConfig:
                                   "use 0 <= momentum < 1 and weight decay >= 0")
         if not 0.0 <= self.oneshot_at < 1.0:
             raise SrcompressError(f"one-shot point {self.oneshot_at} is outside [0, 1)", "pass a fraction of training, e.g. 0.5")
+        if self.cycles < 1:
+            raise SrcompressError(f"cycles must be at least 1, not {self.cycles}", "pass e.g. --cycles 3")
+        if not 0.0 < self.prune_fraction <= 1.0:
+            raise SrcompressError(f"prune fraction {self.prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
+        if not self.last_cycle > 0:
+            raise SrcompressError(f"last-cycle length {self.last_cycle} is not positive", "pass e.g. --last-cycle 2")
+        if self.update_every is not None and self.update_every < 1:
+            raise SrcompressError(f"mask update interval {self.update_every} is below 1", "pass e.g. --update-every 10")
+        if self.optimizer_state not in STATE_MODES:
+            raise SrcompressError(f"unknown optimizer-state mode {self.optimizer_state!r}", f"use one of {', '.join(STATE_MODES)}")
+        pattern = Pattern.parse(self.pattern)
+        if self.sparsity > 0:
+            MaskSpec(self.sparsity, pattern, self.scope, self.min_density).validate()
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}
+
+
+# A TrainConfig field's annotation: the types it accepts, how to name them, an example value.
+_TYPES = {"float": ((int, float), "a number", "0.5"), "int": ((int,), "an integer", "3"), "str": ((str,), "a string", '"cyclical"'),
+          "bool": ((bool,), "true or false", "true"), "int | None": ((int, type(None)), "an integer", "10"),
+          "tuple[str, ...]": ((tuple,), "a list of strings", '["fc*"]')}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    allowed, described, example = _TYPES[annotation]
+    wrong = not isinstance(value, allowed) or (isinstance(value, bool) and annotation != "bool")
+    if isinstance(value, tuple) and not wrong:
+        wrong = not all(isinstance(item, str) for item in value)
+    if wrong:
+        raise SrcompressError(f"{name} must be {described}, not {value!r}", f"e.g. {name} = {example}")
 
 
 @dataclass
@@ -148,6 +183,13 @@ def _check_model_output(model: nn.Module, data: Dataset) -> None:
                               "give data whose labels fit the model's classes")
 
 
+def make_config_schedule(config: TrainConfig, total_steps: int):
+    """The sparsity schedule ``config`` asks for over ``total_steps`` (raises if it cannot fit in them)."""
+    return make_schedule(config.schedule, config.sparsity, total_steps, interval=config.update_every, cycles=config.cycles,
+                         prune_fraction=config.prune_fraction, floor=config.floor, last_cycle=config.last_cycle,
+                         oneshot_at=round(config.oneshot_at * total_steps))
+
+
 def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, eval_data: Dataset | None = None,
                 example_inputs: tuple | None = None, checkpoint: Path | None = None, checkpoint_every: int = 0,
                 resume: bool = False, fingerprint: dict[str, Any] | None = None, eval_each_epoch: bool = True,
@@ -158,7 +200,8 @@ def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, e
     checkpoints and must match on resume (the CLI puts the input model's and data's digests there).
     """
     config.validate()
-    _check_model_output(model, train_data)
+    for data in (train_data, eval_data) if eval_data is not None else (train_data,):
+        _check_model_output(model, data)
     rank, world = _world()
     torch.manual_seed(config.seed)
     started = time.perf_counter()
@@ -172,9 +215,7 @@ def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, e
     schedule = pruner = None
     optimizer = _optimizer(model, config)
     if config.sparsity > 0:
-        schedule = make_schedule(config.schedule, config.sparsity, total, interval=config.update_every, cycles=config.cycles,
-                                 prune_fraction=config.prune_fraction, floor=config.floor, last_cycle=config.last_cycle,
-                                 oneshot_at=round(config.oneshot_at * total))
+        schedule = make_config_schedule(config, total)
         pruner = SparsePruner(model, schedule, pattern=config.pattern, scope=config.scope, min_density=config.min_density,
                               exclude=config.exclude, keep_first=config.keep_first, keep_last=config.keep_last,
                               optimizer=optimizer, optimizer_state=config.optimizer_state,
@@ -224,8 +265,8 @@ def train_model(model: nn.Module, train_data: Dataset, config: TrainConfig, *, e
 
 def _epoch_record(epoch, step, losses, pruner, model, eval_data) -> dict[str, Any]:
     record = {"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(len(losses), 1)}
-    if pruner is not None:
-        record["sparsity"] = pruner.mask_sparsity()
+    if pruner is not None:  # the weights' zeros: at a cycle restart the mask is lifted but the pruned weights are still 0
+        record["sparsity"], record["mask_sparsity"] = pruner.zero_fraction(), pruner.mask_sparsity()
     if eval_data is not None:
         record["eval_accuracy"] = accuracy(model, eval_data)
     return record

@@ -121,7 +121,7 @@ def register(group: click.Group, model_options) -> None:
 @click.option("--format", "fmt", type=click.Choice(["pt", "pt2", "state_dict"]), default=None, help="Output format (default: the input's).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output and discard an existing checkpoint.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Checkpoint file (default: <output>.ckpt); removed after success.")
-@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: every epoch).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True, help="Steps between checkpoints (0: every epoch).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint; on CPU with the same thread count the result is bit-identical to an uninterrupted run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initial RNG state and the batch order.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
@@ -146,6 +146,10 @@ def _train(model_path, data_source, eval_data, normalize, sparsity, schedule, pa
         config.validate()
         output = _output_path(model_path, example, fmt, output)
         checkpoint = checkpoint or output.with_name(output.name + ".ckpt")
+        for role, path in (("output", output), ("input model", model_path)):
+            if path is not None and checkpoint.resolve() == Path(path).resolve():
+                raise SrcompressError(f"--checkpoint {checkpoint} is the {role} file (checkpoints are overwritten, then deleted)",
+                                      "choose another --checkpoint path")
         on_step = None
         if stop_after_steps:
             def on_step(step):
@@ -169,7 +173,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
                output, fmt, force, checkpoint, checkpoint_every, resume, on_step, as_json):
     import torch
 
-    from .data import load_data
+    from .data import held_out_note, load_data
     from .io import check_output_path, output_format, save_model
     from .report import layer_stats, model_totals, provenance
     from .train import train_model
@@ -179,9 +183,8 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         train_data = load_data(data_source, normalize)
         if eval_source is None and train_data.name.startswith("mnist5k:") and train_data.name != "mnist5k:all":
             eval_source = "mnist5k:test"
-        eval_data = load_data(eval_source, normalize) if eval_source else None
-    if eval_data is not None and eval_data.name == train_data.name:
-        raise SrcompressError(f"--eval-data is the training data ({train_data.name})", "evaluate on held-out data")
+        eval_data = load_data(eval_source, normalize, train_data.class_names) if eval_source else None
+    overlap = held_out_note(train_data, eval_data.x, eval_data.name) if eval_data is not None else None
     loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     fmt = output_format(output, fmt, loaded.format)
@@ -212,7 +215,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         "files": {"input": str(loaded.path) if loaded.path else f"example:{example}", "output": str(written),
                   "output_bytes": written.stat().st_size, "format": fmt},
         "provenance": provenance(config.seed, loaded.sha256),
-        "notes": loaded.notes + result.notes,
+        "notes": loaded.notes + result.notes + ([overlap] if overlap else []),
     }
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -118,6 +118,27 @@ def test_data_formats(cli, tmp_path, lenet, kind):
         assert torch.allclose(loaded.x, x[pick], atol=1e-5) and torch.equal(loaded.y, y[pick])
 
 
+def test_evaluation_folder_takes_the_training_folders_labels(tmp_path):
+    """An evaluation folder without some class still labels each image as the training folder does."""
+    from PIL import Image
+
+    from srcompress.data import load_data
+    from srcompress.errors import SrcompressError
+
+    def folder(name, classes):
+        for label in classes:
+            (tmp_path / name / label).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4), 40 * len(label), dtype=np.uint8), mode="L").save(tmp_path / name / label / "a.png")
+        return str(tmp_path / name)
+
+    train = load_data(folder("train", ["ant", "bee", "cat"]))
+    assert train.class_names == ("ant", "bee", "cat") and train.y.tolist() == [0, 1, 2]
+    held = load_data(folder("held", ["bee", "cat"]), class_names=train.class_names)
+    assert held.y.tolist() == [1, 2]  # alone it would be [0, 1]
+    with pytest.raises(SrcompressError, match="class folder 'dog' that the training data does not"):
+        load_data(folder("other", ["cat", "dog"]), class_names=train.class_names)
+
+
 def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
     out = tmp_path / "out.pt"
     bad = {}
@@ -140,7 +161,13 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         (["--data", "mnist5k", "--schedule", "cyclical", "--epochs", "1", "--cycles", "40"], "too short"),
         (["--data", "mnist5k", "--sparsity", "1.0"], "outside [0, 1)"),
         (["--data", "mnist5k", "--pattern", "2:4"], "always gives sparsity 0.5"),
-        (["--data", "mnist5k", "--eval-data", "mnist5k"], "is the training data"),
+        (["--data", "mnist5k", "--eval-data", "mnist5k"], "is also in the training data (mnist5k:train)"),
+        (["--data", "mnist5k:all", "--eval-data", "mnist5k:test"], "every sample of the evaluation data (mnist5k:test) is also in"),
+        (["--data", "mnist5k", "--eval-data", tmp_path / "shape.pt"], "cannot run on a batch of inputs of shape (3, 32, 32)"),
+        (["--data", "mnist5k", "--cycles", "0"], "cycles must be at least 1"),
+        (["--data", "mnist5k", "--prune-fraction", "1.5", "--schedule", "oneshot"], "prune fraction 1.5 is outside (0, 1]"),
+        (["--data", "mnist5k", "--checkpoint", out, "--force"], "is the output file"),
+        (["--data", "mnist5k", "--checkpoint", lenet, "--force"], "is the input model file"),
         (["--data", "mnist5k", "--sparsity", "-0.5"], "outside [0, 1)"),
         (["--data", "mnist5k", "--momentum", "1.5", "--optimizer", "sgd"], "out of range"),
         (["--data", "mnist5k", "--checkpoint", tmp_path / "nowhere" / "c.ckpt"], "checkpoint folder"),
@@ -151,6 +178,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert result.json == {"ok": False, "error": result.stderr.strip().removeprefix("error: ")}
         assert not out.exists() and not (tmp_path / "out.pt.ckpt").exists()
+    assert lenet.is_file()
+    unreachable = cli("train", lenet, "--data", "mnist5k", "--sparsity", "0.995", "-o", out, "--json")
+    assert unreachable.exit_code == 3 and "at most 99.00% of the pruned layers' weights can go" in unreachable.stderr
+    assert not out.exists() and not (tmp_path / "out.pt.ckpt").exists()
 
 
 def test_resume_after_kill_is_bit_identical(cli, tmp_path, small_data):
@@ -222,6 +253,14 @@ batch_size = 32
     assert second["sparsity"]["layers"][1] == {"name": "features.3.weight", "params": 2400, "skipped": "16x150 not divisible by 4x4", "sparsity": 0.0}
 
     for text, message in ((recipe.read_text().replace("epochs = 2", "epoch = 2"), "recipe stage 2: train stage: unknown key 'epoch'"),
+                          (recipe.read_text().replace("epochs = 2", 'epochs = "2"'), "recipe stage 2: epochs must be an integer, not '2'"),
+                          (recipe.read_text().replace("sparsity = 0.5", 'sparsity = "0.5"'), "recipe stage 1: sparsity must be a number"),
+                          (recipe.read_text().replace("epochs = 2", 'epochs = 2\nexclude = "classifier*"'),
+                           "recipe stage 2: exclude must be a list of globs, not 'classifier*'"),
+                          (recipe.read_text().replace("epochs = 2", 'epochs = 2\nexclude = ["nomatch*"]'),
+                           "recipe stage 2: --exclude 'nomatch*' matches no prunable layer"),
+                          (recipe.read_text().replace("epochs = 2", "epochs = 2\ncycles = 0"), "recipe stage 2: cycles must be at least 1"),
+                          (recipe.read_text().replace('kind = "prune"', 'kind = ["prune"]'), "recipe stage 1: unknown kind ['prune']"),
                           (recipe.read_text().replace('kind = "prune"', 'kind = "surgery"'), "recipe stage 1: unknown kind 'surgery'"),
                           ("seed = [", "is not valid TOML")):
         recipe.write_text(text)
@@ -271,7 +310,9 @@ lr = 0.0005
 
     for old, new, message in (('calib = "mnist5k"', "", "method 'submodular' needs calibration data"),
                               ('kind = "structured"', 'kind = "prune"', "prune stage: unknown key 'calib'"),
-                              ("sparsity = 0.5", "sparsity = 1.5", "outside [0, 1)")):
+                              ("sparsity = 0.5", "sparsity = 1.5", "outside [0, 1)"),
+                              (f'train = "{train}"', 'train = "mnist5k:test"',  # the example is evaluated on these digits
+                               "recipe stage 2: every sample of the evaluation data (MNIST-5k held-out (1000 images)) is also in")):
         recipe.write_text(good.replace(old, new))
         bad = cli("recipe", recipe, "--example", "mnist", "-o", tmp_path / "bad.pt2")
         assert bad.exit_code == 2 and message in bad.stderr and not (tmp_path / "bad.pt2").exists(), bad.stderr

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import SrcompressError
+from ..errors import SrcompressError, TargetNotMet
 from ..inputs import guess_example_inputs
 from .layers import trace_layers
 from .masks import LayerPlan, MaskSpec, ScoreFn, compute_masks, plan_layers
@@ -94,6 +94,7 @@ class SparsePruner:
             raise SrcompressError(f"no layer of the model can be pruned ({reasons[:200]})", "change --pattern, --exclude or --prune-first/--prune-last")
         self.params = {p.layer.name: p.layer.param for p in self.active}
         self.masks = {name: torch.ones_like(param, dtype=torch.bool) for name, param in self.params.items()}
+        self._check_reachable()
         self.ever_pruned = {name: torch.zeros_like(param, dtype=torch.bool) for name, param in self.params.items()}
         self.log: list[dict[str, Any]] = []
         self.step_count = 0
@@ -101,6 +102,19 @@ class SparsePruner:
         self._hooks = [param.register_hook(self._grad_hook(name)) for name, param in self.params.items()]
         self._optimizer_hook = None
         self._update(0)
+
+    def _check_reachable(self) -> None:
+        """Refuse a target the masks cannot reach (``min_density`` caps every layer) before any training."""
+        if self.schedule.target <= 0:
+            return
+        masks = self._compute(self.schedule.target)
+        total = sum(m.numel() for m in masks.values())
+        reached = sum(int((~m).sum()) for m in masks.values()) / total
+        tolerance = self.spec.pattern.unit_size * len(masks) / total
+        if self.schedule.target - reached > tolerance + 1e-9:
+            raise TargetNotMet(f"sparsity {self.schedule.target:.2%} cannot be reached: at most {reached:.2%} of the pruned layers' "
+                               f"weights can go (--min-density {self.spec.min_density:g} keeps that share of every layer)",
+                               "nothing was trained; lower --sparsity or --min-density")
 
     # ----- the per-step work -------------------------------------------------------------------
     def step(self) -> None:
@@ -177,6 +191,11 @@ class SparsePruner:
         """Fraction of the pruned layers' weights that the current masks remove."""
         total = sum(m.numel() for m in self.masks.values())
         return sum(int((~m).sum()) for m in self.masks.values()) / total
+
+    def zero_fraction(self) -> float:
+        """Fraction of the pruned layers' weights that are exactly zero now."""
+        total = sum(p.numel() for p in self.params.values())
+        return sum(int((p == 0).sum()) for p in self.params.values()) / total
 
     def recovered_fraction(self) -> float:
         """Fraction of the weights kept now that were pruned at some earlier update (0 for GMP, > 0 when weights grew back)."""
