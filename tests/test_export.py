@@ -134,6 +134,13 @@ def test_bench_without_baseline_says_so(cli, model_files, tmp_path):
     result = cli("bench", out, "--batch-sizes", "2", "--runs", "3", "--json")
     assert result.exit_code == 0
     assert result.json["comparisons"] == [] and "no baseline" in result.json["verdict"][0]
+    # --force replaces an earlier bundle, but never a folder holding anything else
+    (out / "notes.txt").write_text("mine")
+    refused = cli("export", model_files["cnn"], "-o", out, "--force", "--json")
+    assert refused.exit_code == 2 and "holds 'notes.txt', which is not part of its bundle" in refused.json["error"]
+    (out / "notes.txt").unlink()
+    assert cli("export", model_files["cnn"], "-o", out, "--force", "--quiet").exit_code == 0
+    assert (out / "manifest.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +245,15 @@ def test_pruned_minilm_pt2_keeps_its_attention_mask_through_export(cli, model_fi
     np.testing.assert_allclose(got[1], want[1].numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_export_bad_input_errors(cli, model_files, tmp_path):
+def test_export_bad_input_errors(cli, model_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so that -o tmp_path names the current folder
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
     cases = [
         (["export", model_files["cnn"], "-o", existing], "already exists"),
+        (["export", model_files["cnn"], "-o", existing, "--force"], "is not an srcompress bundle"),
+        (["export", model_files["cnn"], "-o", tmp_path, "--force"], "is the current folder or holds it"),
         (["export", model_files["cnn"], "-o", tmp_path / "a", "--int8"], "--int8 needs calibration data"),
         (["export", model_files["cnn"], "-o", tmp_path / "b", "--format", "coreml"], "unknown export format"),
         (["export", model_files["cnn"], "-o", tmp_path / "f", "--int8", "--calib", "mnist5k", "--int8-fp32-layers", "some"],

@@ -61,10 +61,34 @@ def check_request(output: Path, options: ExportOptions, calibration_source: str 
         raise SrcompressError(f"output {output} exists and is not a folder", "choose another -o")
     if output.exists() and not options.force:
         raise SrcompressError(f"output folder {output} already exists", "pass --force to replace it or choose another -o")
+    if output.exists():
+        _check_replaceable(output)
     parent = output.resolve().parent
     if not parent.is_dir():
         raise SrcompressError(f"parent folder {parent} does not exist", "create it or choose another -o")
     return output
+
+
+def _check_replaceable(output: Path) -> None:
+    """--force replaces a folder only if it is an earlier bundle: nothing in it but manifest.json and the files it
+    lists, and it does not hold the working folder (``-o .`` would otherwise delete the user's files)."""
+    import json
+
+    from .manifest import MANIFEST
+
+    here = Path.cwd().resolve()
+    if output.resolve() == here or output.resolve() in here.parents:
+        raise SrcompressError(f"output {output} is the current folder or holds it", "give a new folder name with -o, e.g. -o model.bundle")
+    try:
+        listed = set(json.loads((output / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SrcompressError(f"output folder {output} is not an srcompress bundle (no readable manifest.json)",
+                              "--force only replaces an earlier bundle; choose another -o") from None
+    others = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and p.name != MANIFEST
+                    and str(p.relative_to(output)) not in listed)
+    if others:
+        raise SrcompressError(f"output folder {output} holds {others[0]!r}, which is not part of its bundle",
+                              "--force only replaces an earlier bundle; move that file or choose another -o")
 
 
 def _git_sha() -> str | None:
