@@ -12,12 +12,12 @@ from torch import nn
 
 from . import ui
 from .calib.data import first_batches
-from .compress.graph import build_graph
+from .compress.graph import build_graph, check_splits
 from .compress.layers import trace_layers
 from .compress.masks import MaskSpec, apply_masks, compute_masks, plan_layers
 from .compress.registry import get_method
 from .compress.structured import (GroupDecision, StructuredSpec, allocate, candidate_groups, lowest, model_costs,
-                                  remove_units, soft_remove)
+                                  remove_units, removed_roots, soft_remove)
 from .errors import SrcompressError
 from .inputs import run_model, set_eval
 from .io import flatten_outputs
@@ -196,6 +196,7 @@ def prune_structured(
         decisions[group.index] = decision
     changed = remove_units(graph, {i: d.removed for i, d in decisions.items()})
     _verify(model, example_inputs, reference)
+    check_splits(graph, removed_roots(graph, {i: d.removed for i, d in decisions.items()}), example_inputs)
     params_after = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     layers_after, _ = trace_layers(model, example_inputs)
     flops_after = sum(layer.flops for layer in layers_after)

@@ -339,6 +339,45 @@ def test_hard_coded_reshape_is_caught_not_silently_wrong():
         prune_structured(model, (torch.randn(1, 1, 6, 6),), StructuredSpec(0.5), "l1")
 
 
+class HandAttention(nn.Module):
+    """Self-attention written out by hand; ``fixed_heads`` splits with the head count, else with the head width."""
+
+    def __init__(self, fixed_heads: bool):
+        super().__init__()
+        self.fixed_heads, self.heads, self.width = fixed_heads, 4, 8
+        self.inp = nn.Linear(6, 32)
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.head = nn.Linear(32, 3)
+
+    def split(self, t):
+        b, n, _ = t.shape
+        return (t.view(b, n, self.heads, -1) if self.fixed_heads else t.view(b, n, -1, self.width)).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        y = ((q @ k.transpose(-1, -2)) / self.width ** 0.5).softmax(-1) @ v
+        return self.head((h + self.o(y.transpose(1, 2).flatten(2))).mean(1))
+
+
+def test_head_count_fixed_in_code_is_refused_not_silently_wrong():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    spec = StructuredSpec(0.5, exclude=("inp",))
+    model = HandAttention(fixed_heads=False).eval()
+    reference = copy.deepcopy(model)
+    report = prune_structured(model, (x,), spec, "l1")
+    heads = next(g for g in report.groups if g["name"] == "q")  # q, k, v and o's columns, one unit per head
+    assert (heads["units_before"], heads["units_after"], heads["unit_width"]) == (4, 2, 8) and model.q.out_features == 16
+    kept = [int((reference.q.weight - row).abs().sum(1).argmin()) for row in model.q.weight]
+    with torch.no_grad():  # removing two heads equals zeroing their columns of the output projection
+        reference.o.weight[:, [c for c in range(32) if c not in kept]] = 0
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
+    with pytest.raises(SrcompressError, match=r"splits the kept channels into \(2, 5, 4, 4\) instead of \(2, 5, 2, 8\)") as info:
+        prune_structured(HandAttention(fixed_heads=True).eval(), (x,), spec, "l1")
+    assert "--exclude 'q'" in info.value.fix
+
+
 def test_structured_cli(cli, tmp_path, model_files):
     out = tmp_path / "cnn.pt2"
     result = cli("prune", "--structured", "--sparsity", "0.5", model_files["cnn"], "--format", "pt2", "-o", out, "--json")

@@ -163,6 +163,17 @@ def register_module(cls: type, couple: Callable[["Coupler"], None], fixup=None) 
 
 
 @dataclass
+class Split:
+    """A reshape that spreads prunable channels over several dimensions (heads x head width): after pruning, the
+    model's own code must produce the pruned layout there, which a hard-coded head count does not."""
+
+    key: tuple[str, str, int]  # (module path, operator, index among that module's reshapes): stable across a re-trace
+    where: str
+    shape: tuple[int, ...]
+    atoms: np.ndarray  # broadcastable to ``shape``
+
+
+@dataclass
 class Graph:
     """Result of :func:`build_graph`."""
 
@@ -176,6 +187,7 @@ class Graph:
     op_users: dict[str, list[str]] = field(default_factory=dict)  # weight -> module paths that use it
     layers: dict[str, "LayerInfo"] = field(default_factory=dict)  # weight -> bias, following BatchNorm, ops after it
     use_count: dict[str, int] = field(default_factory=dict)  # parameter -> number of operators that read it
+    splits: list[Split] = field(default_factory=list)
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -276,6 +288,8 @@ class _Builder:
         self.layers: dict[str, LayerInfo] = {}
         self.layer_nodes: dict[Any, str] = {}  # conv/linear node -> weight name
         self.use_count: dict[str, int] = {}
+        self.splits: list[Split] = []
+        self.reshape_keys = _reshape_keys(program)
 
     # ----- helpers -------------------------------------------------------------------------
     def where(self, node) -> str:
@@ -920,7 +934,53 @@ def _reshape(b: _Builder, node, args, kwargs):
     expand = [s_in[d] if any(x.atoms.shape[e] > 1 for e in ins) else 1 for ins, _ in blocks for d in ins]
     full = np.broadcast_to(x.atoms, expand)
     new_shape = [s for ins, outs in blocks for s in ([s_out[o] for o in outs] if any(x.atoms.shape[e] > 1 for e in ins) else [1] * len(outs))]
-    return Act(full.reshape(new_shape).copy())
+    out = Act(full.reshape(new_shape).copy())
+    if any(len(outs) > 1 and sum(out.atoms.shape[o] > 1 for o in outs) > 1 for _, outs in blocks) and node.name in b.reshape_keys:
+        b.splits.append(Split(b.reshape_keys[node.name], b.where(node), tuple(s_out), out.atoms))
+    return out
+
+
+RESHAPES = ("view", "reshape", "_unsafe_view", "unflatten", "view_as", "reshape_as")
+
+
+def _reshape_keys(program) -> dict[str, tuple[str, str, int]]:
+    """Each reshape node's (module path, operator, index among that module's reshapes), in graph order."""
+    keys, seen = {}, {}
+    for node in program.graph.nodes:
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+        if node.op == "call_function" and name in RESHAPES:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            index = seen[path, name] = seen.get((path, name), -1) + 1
+            keys[node.name] = (path, name, index)
+    return keys
+
+
+def check_splits(graph: Graph, removed: set[int], example_inputs: tuple) -> None:
+    """Re-trace the pruned model and refuse it where a reshape does not split the kept channels as pruning left them
+    (``view(B, T, self.heads, -1)`` after whole heads went: the code still makes the old head count, so each head
+    silently gets fewer, mixed channels)."""
+    expected = []
+    for split in graph.splits:
+        kept = np.vectorize(lambda a: a == NONE or graph.atoms.find(int(a)) not in removed, otypes=[bool])(split.atoms)
+        shape = tuple(int(kept.any(axis=tuple(i for i in range(kept.ndim) if i != d)).sum()) if split.atoms.shape[d] > 1 else size
+                      for d, size in enumerate(split.shape))
+        if shape != split.shape:
+            expected.append((split, shape))
+    if not expected:
+        return
+    program = trace_program(graph.model, example_inputs)
+    keys = _reshape_keys(program)
+    actual = {keys[node.name]: _shape(node) for node in program.graph.nodes if node.name in keys}
+    for split, shape in expected:
+        got = actual.get(split.key)
+        if got is not None and got != shape:
+            roots = {graph.atoms.find(int(a)) for a in np.unique(split.atoms) if a != NONE}
+            group = next((g.name for g in graph.groups if roots & set(g.units)), "that group")
+            raise SrcompressError(
+                f"after pruning, {split.where} splits the kept channels into {got} instead of {shape}: the code fixes that "
+                "split (e.g. view(B, T, self.heads, -1)), so the pruned model would silently compute something else",
+                f"exclude the group with --exclude '{group}', or compute the split from the tensor (view(B, T, -1, head_dim))")
 
 
 @rule(_op("permute"), _op("transpose"), _op("t"), _op("swapaxes"), _op("movedim"), _op("numpy_T"))
@@ -1208,7 +1268,7 @@ def build_graph(model: nn.Module, example_inputs: tuple) -> Graph:
     builder.run()
     builder.trace_ops_after()
     graph = Graph(model, builder.atoms, builder.tensor_vecs, builder.roles, replaced_modules=builder.replaced,
-                  op_users=builder.op_users, layers=builder.layers, use_count=builder.use_count)
+                  op_users=builder.op_users, layers=builder.layers, use_count=builder.use_count, splits=builder.splits)
     _collect_groups(graph)
     return graph
 
