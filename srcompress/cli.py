@@ -212,7 +212,7 @@ def _run_prune(console, model_path, example, arch, trust_pickle, input_shape, in
     torch.manual_seed(spec.seed)
     loaded, inputs, source, evaluate = _load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
-    fmt = output_format(output, fmt, loaded.format)
+    fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)
     calibration = _calibration(method if structured else None, calibration_options, example, inputs, loaded.module, spec.seed)
     with ui.phase(f"pruning with {method}"):
         if structured:

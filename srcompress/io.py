@@ -152,6 +152,7 @@ def _build_from_state_dict(state: dict[str, torch.Tensor], arch: str, path: Path
     model = resolve_arch(arch)()
     if not isinstance(model, nn.Module):
         raise SrcompressError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module", "point it at a model constructor")
+    state = _with_tied_keys(model, state)
     try:
         result = model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -162,6 +163,20 @@ def _build_from_state_dict(state: dict[str, torch.Tensor], arch: str, path: Path
         ) from err
     del result
     return model
+
+
+def _with_tied_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus the names of tied tensors that it stores once (safetensors keeps one name per shared tensor)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    state = dict(state)
+    for tied in names.values():
+        present = next((name for name in tied if name in state), None)
+        for name in tied:
+            if present is not None and name not in state:
+                state[name] = state[present]
+    return state
 
 
 def load_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -290,10 +305,10 @@ _SUFFIX_FORMATS = {".pt2": "pt2", ".safetensors": "state_dict"}
 _PICKLE_SUFFIXES = (".pt", ".pth")
 
 
-def output_format(path: str | os.PathLike, fmt: str | None, input_format: str) -> str:
+def output_format(path: str | os.PathLike, fmt: str | None, input_format: str, from_program: bool = False) -> str:
     """The format to write: ``fmt``, else the one the file name implies (.pt2, .safetensors), else the input's.
     A name that contradicts the format (a .pt2 that is no torch.export program, a .pt that torch.load cannot read)
-    is refused rather than written silently."""
+    is refused rather than written silently, and so is pickling a module read from a program (``from_program``)."""
     path = Path(path)
     implied = _SUFFIX_FORMATS.get(path.suffix)
     chosen = fmt or implied or input_format
@@ -305,6 +320,9 @@ def output_format(path: str | os.PathLike, fmt: str | None, input_format: str) -
     if chosen == "pt2" and path.suffix in _PICKLE_SUFFIXES:
         raise SrcompressError(f"output {path.name} would hold a torch.export program, which torch.load cannot read",
                               f"name it {path.stem}.pt2, or pass --format pt (a pickled module) or --format state_dict")
+    if chosen == "pt" and from_program:
+        raise SrcompressError("a model read from a .pt2 program cannot be written as a pickled module (--format pt)",
+                              f"write a program ({path.stem}.pt2) or its weights ({path.stem}.safetensors)")
     return chosen
 
 
@@ -388,7 +406,7 @@ def save_model(
     reuse_program: bool = True,
 ) -> Path:
     """Write the model atomically in ``fmt`` (default: the one the file name implies, else the input's)."""
-    fmt = output_format(path, fmt, loaded.format)
+    fmt = output_format(path, fmt, loaded.format, from_program=loaded.program is not None)
     path = check_output_path(path, force=force, protected=(loaded.path,) if loaded.path else ())
     module = loaded.module
     set_eval(module)

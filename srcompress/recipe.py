@@ -276,7 +276,7 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     torch.manual_seed(recipe.seed)
     loaded, inputs, _, evaluate = load()
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
-    fmt = output_format(output, fmt, loaded.format)
+    fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)
     context = Context(inputs, recipe.data, recipe.seed)
     notes = _check_before_running(recipe, loaded.module, context, evaluate)
     before = evaluate(loaded.module) if evaluate else None

@@ -187,7 +187,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
     overlap = held_out_note(train_data, eval_data.x, eval_data.name) if eval_data is not None else None
     loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
-    fmt = output_format(output, fmt, loaded.format)
+    fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)
     if not checkpoint.parent.is_dir():
         raise SrcompressError(f"checkpoint folder {checkpoint.parent} does not exist", "create it or choose another --checkpoint")
     if checkpoint.exists() and not resume and not force:

@@ -298,3 +298,45 @@ def test_a_sentence_transformers_pipeline_is_pointed_at_its_transformer():
 
     with pytest.raises(SrcompressError, match=r"SentenceTransformer wraps its transformer .*model\[0\]\.auto_model"):
         guess_example_inputs(assets.minilm())
+
+
+class TiedHead(torch.nn.Module):
+    """An embedding whose table is also the output layer's weight (as in language models)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.mix(self.emb(ids))))
+
+
+def test_safetensors_of_a_model_with_tied_weights_reloads(cli, tmp_path):
+    """safetensors stores a shared tensor once; reading it back with --arch restores every name that shares it."""
+    path = tmp_path / "tied.safetensors"
+    from safetensors.torch import save_model
+
+    save_model(TiedHead(), str(path))
+    out = tmp_path / "out.safetensors"
+    arch = "tests.test_io:TiedHead"
+    result = cli("prune", "--sparsity", "0.5", path, "--arch", arch, "--input-shape", "1,7", "--input-dtype", "int64", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    reloaded = load_model(out, arch=arch).module
+    assert reloaded.out.weight is reloaded.emb.weight and float((reloaded.mix.weight == 0).float().mean()) > 0.3
+    inspected = cli("inspect", out, "--arch", arch, "--input-shape", "1,7", "--input-dtype", "int64", "--json")
+    assert inspected.exit_code == 0, inspected.output
+
+
+def test_a_pt2_input_is_not_written_as_a_pickle(cli, tmp_path):
+    from srcompress import assets
+
+    program = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(assets.pretrained_digit_cnn().eval(), (torch.randn(2, 1, 28, 28),)), str(program))
+    out = tmp_path / "out.pt"
+    result = cli("prune", "--sparsity", "0.5", program, "-o", out, "--format", "pt", "--json")
+    assert_clean_failure(result, out, "cannot be written as a pickled module", inputs=[(program, sha256(program))])
+    assert result.json["ok"] is False
