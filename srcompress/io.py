@@ -377,17 +377,26 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 
 def export_program(module: nn.Module, example_inputs: tuple):
-    """torch.export the model (outputs flattened to a tuple of tensors), leaving every dimension that can vary dynamic."""
+    """torch.export the model (outputs flattened to a tuple of tensors), leaving every dimension that can vary dynamic.
+
+    The batch is doubled first so that a batch of one does not fix it; a model that only runs at its example batch
+    (a program exported with a static batch) is exported at that batch.
+    """
     from torch.export import Dim
 
-    inputs = tuple(_at_least_batch_two(t) for t in example_inputs)
-    dynamic = tuple({d: Dim.AUTO for d in range(t.dim()) if t.shape[d] > 1} if isinstance(t, torch.Tensor) else None for t in inputs)
-    wrapped = _flat_output_view(module, inputs)
-    try:
-        return torch.export.export(wrapped, inputs, dynamic_shapes=dynamic, strict=False)
-    except Exception as err:  # noqa: BLE001 - report the tracer's reason
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SrcompressError(f"torch.export could not trace the model ({reason})", "save with --format pt or --format state_dict") from err
+    doubled = tuple(_at_least_batch_two(t) for t in example_inputs)
+    attempts = [doubled] if all(a is b for a, b in zip(doubled, example_inputs)) else [doubled, example_inputs]
+    for attempt, inputs in enumerate(attempts, 1):
+        dynamic = tuple({d: Dim.AUTO for d in range(t.dim()) if t.shape[d] > 1} if isinstance(t, torch.Tensor) else None for t in inputs)
+        try:
+            return torch.export.export(_flat_output_view(module, inputs), inputs, dynamic_shapes=dynamic, strict=False)
+        except Exception as err:  # noqa: BLE001 - report the tracer's reason
+            if attempt < len(attempts):
+                continue
+            if isinstance(err, SrcompressError):
+                raise
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise SrcompressError(f"torch.export could not trace the model ({reason})", "save with --format pt or --format state_dict") from err
 
 
 def _at_least_batch_two(t: Any) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import ui
@@ -283,6 +284,12 @@ def _verify(model: nn.Module, example_inputs: tuple, reference: list) -> None:
     try:
         outputs = flatten_outputs(run_model(model, example_inputs))
     except SrcompressError as err:
+        if isinstance(model, torch.fx.GraphModule):  # a .pt2 program: its graph holds the widths as constants
+            raise SrcompressError(
+                f"the pruned program no longer runs: {err.problem}; a .pt2 program keeps widths as constants in its graph "
+                "(convolution groups, normalized shapes, view sizes) that pruning cannot rewrite",
+                "prune the model's nn.Module instead (a pickled model, or a state dict with --arch), or --exclude that group",
+            ) from err
         raise SrcompressError(
             f"the pruned model no longer runs: {err.problem}; its code probably hard-codes a width that was pruned",
             "exclude that layer's group with --exclude, or register the module with srcompress.compress.graph.register_module",

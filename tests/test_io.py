@@ -340,3 +340,17 @@ def test_a_pt2_input_is_not_written_as_a_pickle(cli, tmp_path):
     result = cli("prune", "--sparsity", "0.5", program, "-o", out, "--format", "pt", "--json")
     assert_clean_failure(result, out, "cannot be written as a pickled module", inputs=[(program, sha256(program))])
     assert result.json["ok"] is False
+
+
+def test_structured_pruning_of_a_program_exported_at_batch_one(cli, tmp_path):
+    """torch.export's default fixes the batch at the example's; the pruned program keeps that batch instead of failing."""
+    from srcompress import assets
+
+    program = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(assets.pretrained_digit_cnn().eval(), (torch.randn(1, 1, 28, 28),)), str(program))
+    out = tmp_path / "out.pt2"
+    result = cli("prune", "--structured", "--sparsity", "0.5", program, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    pruned = torch.export.load(str(out))
+    assert pruned.state_dict["fc_layers.0.weight"].shape[0] == 128
+    assert tuple(pruned.module()(torch.randn(1, 1, 28, 28)).shape) == (1, 10)

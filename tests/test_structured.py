@@ -378,6 +378,15 @@ def test_head_count_fixed_in_code_is_refused_not_silently_wrong():
     assert "--exclude 'q'" in info.value.fix
 
 
+def test_program_with_baked_group_count_says_to_prune_the_module():
+    model, inputs = ZOO["grouped"]()
+    program = torch.export.export(model, inputs).module()
+    with pytest.raises(SrcompressError, match="a .pt2 program keeps widths as constants") as info:
+        prune_structured(program, inputs, StructuredSpec(0.25), "l1")
+    assert "prune the model's nn.Module instead" in info.value.fix
+    prune_structured(model, inputs, StructuredSpec(0.25), "l1")  # the module itself prunes
+
+
 def test_structured_cli(cli, tmp_path, model_files):
     out = tmp_path / "cnn.pt2"
     result = cli("prune", "--structured", "--sparsity", "0.5", model_files["cnn"], "--format", "pt2", "-o", out, "--json")
