@@ -232,6 +232,8 @@ def prune_structured(
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
     report.drift = probe.measure(model, seen=chosen.needs_data)
+    report.notes += [f"{group.name}: {decisions[group.index].info[key]}" if key == "fallback" else decisions[group.index].info[key]
+                     for group in context.planned for key in ("fallback", "warning") if key in decisions[group.index].info]
     _judge_structured(report, groups, spec)
     return report
 

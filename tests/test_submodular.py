@@ -145,11 +145,36 @@ def test_mnist_cnn_few_samples_beats_l1_thanks_to_reweighting():
     assert accuracy["submodular"] >= 0.90
 
 
-def test_few_samples_warn():
+def test_few_samples_are_noted_in_the_report():
     calib = load_calibration("mnist5k", 20)
     model = assets.pretrained_digit_cnn()
-    with pytest.warns(UserWarning, match="calibration rows for"):
-        prune_structured(model, (assets.mnist5k("test")[0][:1],), StructuredSpec(0.5), "submodular", calibration=calib)
+    report = prune_structured(model, (assets.mnist5k("test")[0][:1],), StructuredSpec(0.5), "submodular", calibration=calib)
+    assert any("20 calibration rows for" in note and "ill-posed" in note for note in report.notes)
+
+
+def test_multihead_attention_heads_fall_back_to_l1_and_say_so(tmp_path):
+    """nn.MultiheadAttention reads out_proj.weight inside its forward, so that consumer's inputs are never captured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32))
+    attention = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = model[0], attention, nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+    net = Net().eval()
+    x = torch.randn(64, 5, 6)
+    torch.save(x, tmp_path / "x.pt")
+    calib = load_calibration(str(tmp_path / "x.pt"), 64, example_inputs=(x[:1],))
+    report = prune_structured(net, (x[:1],), StructuredSpec(0.5, exclude=("inp",)), "submodular", calibration=calib)
+    heads = next(g for g in report.groups if g["kind"] == "heads")
+    assert report.ok and (heads["units_before"], heads["units_after"]) == (4, 2)
+    assert any("attn.out_proj.weight is read by its parent module" in note and "pruned by L1" in note for note in report.notes)
 
 
 def test_calibration_sources(tmp_path):

@@ -21,7 +21,6 @@ fades toward plain removal instead of over-fitting.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
@@ -200,6 +199,11 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
                     description=f"calibrating {group.name}", cached=_reference_inputs(graph, context),
                     prefix=context.cache.setdefault("prefix", PrefixCache()),
                     changes=tuple(sorted({slot.tensor.rpartition(".")[0] for unit in group.slots for slot in unit})))
+    missing = [name for name in names if name not in stats]
+    if missing:  # e.g. nn.MultiheadAttention reads out_proj.weight itself instead of calling out_proj
+        removed = lowest(l1_scores(graph, group), count)
+        return GroupDecision(removed, info={"fallback": f"{missing[0]} is read by its parent module, not called as a layer, "
+                                                        "so its inputs cannot be captured; pruned by L1"})
     table = _tensor_table(model)
     ref_table = _tensor_table(reference) if reference is not None else table
     problems, biases, fold_grams, fold_targets = [], [], [], []
@@ -228,7 +232,6 @@ def submodular_select(graph: Graph, group: ChannelGroup, count: int, context, re
     if samples < 2 * kept_columns:
         message = (f"{group.name}: {samples} calibration rows for {kept_columns} kept columns; least squares is "
                    f"ill-posed below 2x (a ridge toward the original weights, chosen by cross-validation, limits over-fitting)")
-        warnings.warn(message, stacklevel=2)
         info["warning"] = message
     updates = {}
     if reweight:
