@@ -115,7 +115,7 @@ def main() -> None:
               help="Surgery: remove units while their normalised saliency stays below this (instead of --sparsity).")
 @click.option("--exclude", multiple=True, help="Keep layers (or groups) matching this glob dense (repeatable), e.g. 'classifier.*'.")
 @click.option("--prune-first/--keep-first", default=False, show_default=True, help="Prune the first conv (kept dense by default).")
-@click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer (kept dense by default).")
+@click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer and every layer whose result is a model output (kept dense by default).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output file (default: <name>.pruned.<ext> here).")
 @click.option("--format", "fmt", type=click.Choice(["pt", "pt2", "state_dict"]), default=None, help="Output format (default: the input's).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

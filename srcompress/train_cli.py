@@ -100,7 +100,7 @@ def register(group: click.Group, model_options) -> None:
 @click.option("--min-density", type=float, default=0.01, show_default=True, help="Fraction of each layer always kept.")
 @click.option("--exclude", multiple=True, help="Keep layers matching this glob dense (repeatable).")
 @click.option("--prune-first/--keep-first", default=False, show_default=True, help="Prune the first conv (kept dense by default).")
-@click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer (kept dense by default).")
+@click.option("--prune-last/--keep-last", default=False, show_default=True, help="Prune the last layer and every layer whose result is a model output (kept dense by default).")
 @click.option("--cycles", type=int, default=3, show_default=True, help="Cyclical: number of prune cycles.")
 @click.option("--prune-fraction", type=float, default=0.75, show_default=True, help="Fraction of training spent in the pruning ramp(s); the rest fine-tunes at the target.")
 @click.option("--restart-floor", is_flag=True, help="Cyclical: cycle c ramps from sparsity*c/cycles instead of 0 (after one dense update).")

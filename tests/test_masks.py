@@ -188,6 +188,25 @@ def test_exclude_and_defaults_keep_layers_dense(net):
     assert float((model.fc2.weight == 0).float().mean()) == 0.0
 
 
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.classes, self.box = nn.Linear(16, 3), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.classes(h), self.box(h).view(-1, 2, 2)
+
+
+def test_every_output_head_is_kept_dense_not_only_the_last():
+    layers, _ = trace_layers(TwoHeads(), (torch.randn(2, 8),))
+    assert [layer.is_output for layer in layers] == [False, True, True]
+    kept = {p.layer.name: p.skipped for p in plan_layers(layers, MaskSpec(0.5)) if p.skipped}
+    assert kept == {"classes.weight": "output layer (--prune-last)", "box.weight": "last layer (--prune-last)"}
+    assert not any(p.skipped for p in plan_layers(layers, MaskSpec(0.5, keep_last=False)))
+
+
 def test_pattern_parsing_errors():
     with pytest.raises(SrcompressError, match="unknown pattern"):
         Pattern.parse("diagonal")

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..inputs import run_model
+from ..io import flatten_outputs
 
 aten = torch.ops.aten
 _MATMULS = {aten.addmm, aten.mm}
@@ -33,6 +34,7 @@ class Layer:
     flops: int = 0  # dense FLOPs (2 x MACs) for the example input
     groups: int = 1
     reduction_dim: int = 1  # dimension of the 2-D weight that is summed over (1 for nn.Linear)
+    is_output: bool = False  # its result is a model output as it is (an output head)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -81,6 +83,7 @@ class _WeightUse(TorchDispatchMode):
         self.params = params
         self.layers: dict[str, Layer] = {}
         self.embeddings: set[str] = set()
+        self.results: list[tuple[torch.Tensor, str]] = []  # each layer op's result, kept alive so storages stay distinct
 
     def _lookup(self, tensor) -> tuple[str, nn.Parameter] | None:
         if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
@@ -90,7 +93,9 @@ class _WeightUse(TorchDispatchMode):
             return None
         return hit
 
-    def _record(self, name: str, param: nn.Parameter, op: str, flops: int, **extra) -> None:
+    def _record(self, name: str, param: nn.Parameter, op: str, flops: int, out=None, **extra) -> None:
+        if isinstance(out, torch.Tensor):
+            self.results.append((out, name))
         layer = self.layers.get(name)
         if layer is None:
             self.layers[name] = Layer(name, param, op, order=len(self.layers), flops=flops, **extra)
@@ -110,7 +115,7 @@ class _WeightUse(TorchDispatchMode):
                 name, param = hit
                 same = tuple(operand.shape) == tuple(param.shape) and operand.stride() == param.stride()
                 reduction = operand_reduction if same else 1 - operand_reduction
-                self._record(name, param, "linear", flops, reduction_dim=reduction)
+                self._record(name, param, "linear", flops, out, reduction_dim=reduction)
                 break
         elif packet in _CONVS:
             hit = self._lookup(args[1])
@@ -123,7 +128,7 @@ class _WeightUse(TorchDispatchMode):
                     flops = 2 * args[0].numel() * (param.shape[1] * kernel)
                 else:
                     flops = 2 * out.numel() * param.shape[1] * kernel
-                self._record(name, param, "conv_transpose" if transposed else "conv", flops, groups=groups)
+                self._record(name, param, "conv_transpose" if transposed else "conv", flops, out, groups=groups)
         elif packet is aten._native_multi_head_attention:
             tokens = args[0].numel() // args[0].shape[-1]
             for weight in (args[5], args[7]):  # packed q/k/v projection, output projection
@@ -144,7 +149,11 @@ def trace_layers(model: nn.Module, example_inputs: tuple) -> tuple[list[Layer], 
         params.setdefault(param.data_ptr(), (name, param))
     mode = _WeightUse(params)
     with mode:
-        run_model(model, example_inputs)
+        outputs = flatten_outputs(run_model(model, example_inputs))
+    storages = {t.untyped_storage().data_ptr() for t in outputs}
+    for result, name in mode.results:
+        if result.untyped_storage().data_ptr() in storages:
+            mode.layers[name].is_output = True
     layers = sorted(mode.layers.values(), key=lambda layer: layer.order)
     return layers, mode.embeddings
 

@@ -78,6 +78,8 @@ def plan_layers(layers: list[Layer], spec: MaskSpec) -> list[LayerPlan]:
             reason = "first conv (--prune-first)"
         elif index == last and spec.keep_last and len(layers) > 1:
             reason = "last layer (--prune-last)"
+        elif layer.is_output and spec.keep_last and len(layers) > 1:
+            reason = "output layer (--prune-last)"
         else:
             reason = spec.pattern.unsupported_reason(layer) or ""
         plans.append(LayerPlan(layer, skipped=reason))
