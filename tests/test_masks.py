@@ -207,6 +207,27 @@ def test_every_output_head_is_kept_dense_not_only_the_last():
     assert not any(p.skipped for p in plan_layers(layers, MaskSpec(0.5, keep_last=False)))
 
 
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.memory = nn.Linear(16, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, y):
+        m = self.memory(y)
+        return self.head(self.attn(x, m, m, need_weights=False)[0].mean(1))
+
+
+def test_packed_attention_weights_used_in_chunks_are_layers_with_their_flops():
+    """Cross-attention projects q and k/v with row blocks of in_proj_weight: the layer is found and counted in full."""
+    layers, _ = trace_layers(CrossAttention().eval(), (torch.randn(1, 5, 16), torch.randn(1, 7, 16)))
+    found = {layer.name: layer for layer in layers}
+    packed = found["attn.in_proj_weight"]
+    assert packed.reduction_dim == 1 and packed.matrix_shape() == (48, 16)
+    assert packed.flops == 2 * 5 * 16 * 16 + 2 * 7 * 16 * 32  # q from 5 queries, k and v from 7 memory tokens
+
+
 def test_pattern_parsing_errors():
     with pytest.raises(SrcompressError, match="unknown pattern"):
         Pattern.parse("diagonal")

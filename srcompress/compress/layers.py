@@ -78,7 +78,7 @@ class Layer:
 
 
 class _WeightUse(TorchDispatchMode):
-    def __init__(self, params: dict[int, tuple[str, nn.Parameter]]):
+    def __init__(self, params: dict[int, list[tuple[str, nn.Parameter]]]):
         super().__init__()
         self.params = params
         self.layers: dict[str, Layer] = {}
@@ -86,12 +86,14 @@ class _WeightUse(TorchDispatchMode):
         self.results: list[tuple[torch.Tensor, str]] = []  # each layer op's result, kept alive so storages stay distinct
 
     def _lookup(self, tensor) -> tuple[str, nn.Parameter] | None:
+        """The parameter ``tensor`` views: the whole of it, or a block of its rows (a packed q/k/v weight's chunk)."""
         if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
             return None
-        hit = self.params.get(tensor.data_ptr())
-        if hit is None or hit[1].numel() != tensor.numel():
-            return None
-        return hit
+        for name, param in self.params.get(tensor.untyped_storage().data_ptr(), ()):
+            start = param.data_ptr()
+            if start <= tensor.data_ptr() < start + param.numel() * param.element_size() and tensor.numel() <= param.numel():
+                return name, param
+        return None
 
     def _record(self, name: str, param: nn.Parameter, op: str, flops: int, out=None, **extra) -> None:
         if isinstance(out, torch.Tensor):
@@ -113,7 +115,7 @@ class _WeightUse(TorchDispatchMode):
                 if hit is None or hit[1].dim() != 2:
                     continue
                 name, param = hit
-                same = tuple(operand.shape) == tuple(param.shape) and operand.stride() == param.stride()
+                same = operand.stride() == param.stride() and (operand.numel() < param.numel() or tuple(operand.shape) == tuple(param.shape))
                 reduction = operand_reduction if same else 1 - operand_reduction
                 self._record(name, param, "linear", flops, out, reduction_dim=reduction)
                 break
@@ -144,9 +146,9 @@ class _WeightUse(TorchDispatchMode):
 
 def trace_layers(model: nn.Module, example_inputs: tuple) -> tuple[list[Layer], set[str]]:
     """Layers in order of first use, with FLOPs per example input; also the embedding tables seen."""
-    params = {}
+    params: dict[int, list[tuple[str, nn.Parameter]]] = {}  # storage -> the parameters in it
     for name, param in model.named_parameters():
-        params.setdefault(param.data_ptr(), (name, param))
+        params.setdefault(param.untyped_storage().data_ptr(), []).append((name, param))
     mode = _WeightUse(params)
     with mode:
         outputs = flatten_outputs(run_model(model, example_inputs))
