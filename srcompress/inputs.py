@@ -43,8 +43,10 @@ def set_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_model(model: nn.Module, inputs: tuple, what: str = "an example input",
-              fix: str = "pass --input-shape (and --input-dtype) that the model accepts") -> Any:
+INPUT_FIX = "pass --input-shape (and --input-dtype) that the model accepts, one shape per input: --input-shape '1,20;1,8'"
+
+
+def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", fix: str = INPUT_FIX) -> Any:
     """Run the model in eval mode without gradients; a failure becomes a one-line error about ``what`` was given."""
     set_eval(model)
     try:
@@ -110,9 +112,18 @@ def resolve_example_inputs(model: nn.Module, input_shape: str | None, input_dtyp
     if input_shape:
         first = _first_layer(model)
         vocab = first.num_embeddings if isinstance(first, nn.Embedding) else None
-        dtype = input_dtype or ("int64" if vocab else "float32")
-        inputs = with_attention_mask(model, make_input(parse_input_shape(input_shape), dtype, vocab=vocab))
-        run_model(model, inputs)
+        shapes = [parse_input_shape(part) for part in input_shape.split(";")]
+        dtypes = input_dtype.split(";") if input_dtype else ["int64" if vocab else "float32"]
+        if len(dtypes) == 1:
+            dtypes *= len(shapes)
+        if len(dtypes) != len(shapes):
+            raise SrcompressError(f"--input-dtype {input_dtype!r} gives {len(dtypes)} dtypes for {len(shapes)} input shapes",
+                                  "give one dtype, or one per shape: --input-dtype 'int64;float32'")
+        if len(shapes) == 1:
+            inputs = with_attention_mask(model, make_input(shapes[0], dtypes[0], vocab=vocab))
+        else:
+            inputs = tuple(make_input(shape, dtype, vocab=vocab, seed=i) for i, (shape, dtype) in enumerate(zip(shapes, dtypes)))
+        run_model(model, inputs, fix=INPUT_FIX)
         return inputs, "given"
     if known is not None:
         single = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in known)

@@ -168,3 +168,29 @@ def test_example_entry_point_prints_accuracy(tmp_path):
     x, y = assets.mnist5k("test")
     accuracy = float((loaded(x).argmax(1) == y).float().mean())
     assert abs(accuracy - report["evaluation"]["after"]) < 1e-6
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image, self.extra, self.out = torch.nn.Linear(20, 32), torch.nn.Linear(6, 32), torch.nn.Linear(32, 3)
+
+    def forward(self, x, y):
+        return self.out(torch.relu(self.image(x) + self.extra(y)))
+
+
+def test_a_model_with_two_inputs_takes_one_shape_each(cli, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "two.pt"
+    torch.save(TwoInputs(), path)
+    path.chmod(0o644)
+    out = tmp_path / "out.pt"
+    one = cli("prune", "--sparsity", "0.5", path, "--input-shape", "1,20", "-o", out, "--json")
+    assert one.exit_code == 2 and "missing 1 required positional argument" in one.stderr and "--input-shape '1,20;1,8'" in one.stderr
+    both = cli("prune", "--sparsity", "0.5", path, "--input-shape", "1,20;1,6", "-o", out, "--json")
+    assert both.exit_code == 0, both.stderr
+    assert both.json["example_input"]["shapes"] == [[1, 20], [1, 6]]
+    assert {layer["name"] for layer in both.json["layers"]} == {"image.weight", "extra.weight", "out.weight"}
+    mismatch = cli("prune", "--sparsity", "0.5", path, "--input-shape", "1,20;1,6", "--input-dtype", "float32;int64;int64",
+                   "-o", tmp_path / "x.pt")
+    assert mismatch.exit_code == 2 and "gives 3 dtypes for 2 input shapes" in mismatch.stderr
