@@ -89,8 +89,13 @@ def prune_model(
     if eval_before is not None:
         report.evaluation = {**{k: v for k, v in eval_before.items() if k != "value"}, "before": eval_before["value"], "after": eval_after["value"]}
     report.drift = probe.measure(model, seen=False)
-    if embeddings:
-        report.notes.append(f"{len(embeddings)} embedding table(s) kept dense: {', '.join(sorted(embeddings))}")
+    pruned_names = {p.layer.name for p in plans if p.pruned}
+    dense_tables, tied_tables = sorted(set(embeddings) - pruned_names), sorted(set(embeddings) & pruned_names)
+    if dense_tables:
+        report.notes.append(f"{len(dense_tables)} embedding table(s) kept dense: {', '.join(dense_tables)}")
+    for name in tied_tables:
+        report.notes.append(f"embedding table {name} is also a layer's weight (tied): it was pruned as that layer, "
+                            "so the embedding lookups see its zeros too")
     uncovered = _uncovered_weights(model, {layer.name for layer in layers} | set(embeddings))
     if uncovered:
         count = sum(n for _, n in uncovered.values())
@@ -106,12 +111,13 @@ def prune_model(
 
 def _uncovered_weights(model: nn.Module, covered: set[str]) -> dict[str, tuple[str, int]]:
     """Modules holding matrix weights that are neither traced conv/linear layers nor embeddings (LSTM, GRU,
-    custom layers), with their type and weight count."""
+    custom layers), with their type and weight count; a weight tied to a covered one is covered."""
     found: dict[str, tuple[str, int]] = {}
+    covered_ids = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in covered}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if param.dim() >= 2 and full not in covered:
+            if param.dim() >= 2 and full not in covered and id(param) not in covered_ids:
                 kind, count = found.get(module_name or "model", (type(module).__name__, 0))
                 found[module_name or "model"] = (kind, count + param.numel())
     return found
@@ -125,9 +131,11 @@ def _judge(report: PruneReport, plans) -> None:
         if any("not divisible" in r for r in reasons):
             report.fix = "pick a --pattern whose block divides the layer shapes listed"
     elif report.changed_weights == 0:
+        capped = sp["reached"] + sp["tolerance"] < sp["asked"]
         report.ok, report.problem = False, (
-            f"nothing changed: the pruned layers were already at {sp['reached']:.2%} sparsity" if sp["asked"] > 0
-            else "nothing changed: sparsity 0 prunes nothing")
+            "nothing changed: sparsity 0 prunes nothing" if sp["asked"] == 0
+            else f"nothing changed: --min-density {report.request['min_density']:g} keeps the pruned layers at {sp['reached']:.2%} sparsity"
+            if capped else f"nothing changed: the pruned layers were already at {sp['reached']:.2%} sparsity")
     elif abs(sp["reached"] - sp["asked"]) > sp["tolerance"] + 1e-9:
         report.ok, report.problem = False, (
             f"sparsity reached {sp['reached']:.2%} differs from the {sp['asked']:.2%} asked by more than one pruning unit per layer "

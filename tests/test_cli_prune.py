@@ -90,6 +90,8 @@ def test_no_op_is_an_error(cli, tmp_path, model_files):
     result = cli("prune", "--sparsity", "0.5", model_files["cnn"], "--exclude", "*", "-o", out, "--json")
     assert result.exit_code == 3 and not result.json["ok"] and "no layer could be pruned" in result.stderr
     assert not out.exists()
+    result = cli("prune", "--sparsity", "0.5", "--min-density", "1", model_files["cnn"], "-o", out)
+    assert result.exit_code == 3 and "nothing changed: --min-density 1 keeps the pruned layers at 0.00% sparsity" in result.stderr
     result = cli("prune", "--sparsity", "0.5", "--pattern", "block:7x7", model_files["cnn"], "-o", out)
     assert result.exit_code == 3 and "not divisible by 7x7" in result.stderr and "pick a --pattern whose block divides" in result.stderr
     assert not out.exists()
@@ -194,3 +196,29 @@ def test_a_model_with_two_inputs_takes_one_shape_each(cli, tmp_path):
     mismatch = cli("prune", "--sparsity", "0.5", path, "--input-shape", "1,20;1,6", "--input-dtype", "float32;int64;int64",
                    "-o", tmp_path / "x.pt")
     assert mismatch.exit_code == 2 and "gives 3 dtypes for 2 input shapes" in mismatch.stderr
+
+
+class TiedLM(torch.nn.Module):
+    """A language-model head that shares its weight with the embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(60, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.lm = torch.nn.Linear(16, 60, bias=False)
+        self.lm.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.lm(torch.relu(self.mix(self.emb(ids))))
+
+
+def test_tied_embedding_notes_say_what_happened():
+    torch.manual_seed(0)
+    ids = (torch.randint(0, 60, (1, 9)),)
+    kept = prune_model(TiedLM(), ids, MaskSpec(0.5), "magnitude")
+    assert "1 embedding table(s) kept dense: emb.weight" in kept.notes
+    assert not any("do not cover" in note or "does not cover" in note for note in kept.notes)  # lm is the same tensor
+    model = TiedLM()
+    pruned = prune_model(model, ids, MaskSpec(0.5, keep_last=False), "magnitude")
+    assert any(note.startswith("embedding table emb.weight is also a layer's weight (tied)") for note in pruned.notes)
+    assert not any("kept dense: emb.weight" in note for note in pruned.notes) and float((model.emb.weight == 0).float().mean()) > 0
