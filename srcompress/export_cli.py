@@ -28,7 +28,8 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
     @click.option("--int8-method", default="minmax", show_default=True, help="Calibration: minmax, entropy or percentile.")
     @click.option("--int8-fp32-layers", default="auto", show_default=True,
                   help="Keep the layers most sensitive to INT8 in fp32: auto (fewest that reach --int8-target-error "
-                       "on calibration inputs, at most half), or a count (0: every weighted layer INT8).")
+                       "on calibration inputs, at most half), or a count below the number of weighted layers (0: every "
+                       "weighted layer INT8).")
     @click.option("--int8-target-error", type=float, default=0.0025, show_default=True,  # quantize.TARGET_ERROR
                   help="Relative output error (squared error / squared output) that --int8-fp32-layers auto aims for; lower "
                        "keeps predictions closer to fp32 with more fp32 layers.")
@@ -41,7 +42,9 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
     @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
     @click.option("--opt-batch", type=int, default=8, show_default=True, help="TensorRT profile: optimal batch.")
     @click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT profile: largest batch.")
-    @click.option("--max-seq", type=int, default=128, show_default=True, help="TensorRT profile: longest sequence (text models).")
+    @click.option("--max-seq", type=int, default=None,
+                  help="Longest sequence (text models): the TensorRT profile's max and the manifest's max_length "
+                       "(default: 256, or the model's limit when shorter).")
     @click.option("--workspace-mib", type=int, default=1024, show_default=True, help="TensorRT workspace pool (MiB).")
     @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
     @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling.")
@@ -51,6 +54,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
                image_size, opset, no_simplify, opt_batch, max_batch, max_seq, workspace_mib, force, seed, quiet, example, arch,
                trust_pickle, input_shape, input_dtype, as_json):
         from .export.bundle import ExportOptions, check_request, export_bundle
+        from .export.onnx import check_float32
 
         ui.enable(not (quiet or as_json))
         try:
@@ -62,7 +66,10 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
                 stem = (model_path.name.split(".")[0] if model_path else example) or "model"
                 output = Path(f"{stem}.bundle")
             check_request(output, options, calib)
+            if image_size < 1:
+                raise SrcompressError(f"--image-size {image_size} is not a positive number of pixels", "e.g. --image-size 224")
             loaded, inputs, _source, _evaluate = load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
+            check_float32(loaded.module)
             options.notes += loaded.notes
             base = None
             if baseline is not None:
@@ -70,6 +77,8 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
 
                 with ui.phase(f"loading baseline {baseline}"):
                     base = load_model(baseline, arch=arch, trust_pickle=trust_pickle)
+                check_float32(base.module, "the baseline")
+                options.notes += [f"baseline: {note}" for note in base.notes]
             calibration = None
             if calib:
                 from .calib.data import load_calibration
@@ -101,6 +110,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
     def bench(bundle, batch_sizes, runs, warmup, threads, quiet, as_json):
         from .export.bench import bench_bundle, render
+        from .export.onnx import MAX_BATCH
 
         ui.enable(not (quiet or as_json))
         try:
@@ -110,8 +120,13 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
                 sizes = []
             if not sizes or any(s < 1 for s in sizes):
                 raise SrcompressError(f"--batch-sizes {batch_sizes!r} is not a list of positive integers", "e.g. --batch-sizes 1,8,32")
+            if max(sizes) > MAX_BATCH:
+                raise SrcompressError(f"batch size {max(sizes)} exceeds {MAX_BATCH}, the largest batch a bundle's programs take",
+                                      f"pass --batch-sizes of at most {MAX_BATCH}")
             if runs < 3 or warmup < 0:
                 raise SrcompressError("--runs must be at least 3 and --warmup not negative", "e.g. --runs 30 --warmup 5")
+            if threads is not None and threads < 1:
+                raise SrcompressError(f"--threads {threads} is not a positive number", "pass --threads 1 or more, or leave it out")
             result = bench_bundle(bundle, sizes, runs=runs, warmup=warmup, threads=threads)
         except SrcompressError as err:
             fail(err, as_json)

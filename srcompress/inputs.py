@@ -46,7 +46,8 @@ def set_eval(model: nn.Module) -> nn.Module:
 INPUT_FIX = "pass --input-shape (and --input-dtype) that the model accepts, one shape per input: --input-shape '1,20;1,8'"
 
 
-def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", fix: str = INPUT_FIX) -> Any:
+def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", fix: str = INPUT_FIX,
+              subject: str = "the model") -> Any:
     """Run the model in eval mode without gradients; a failure becomes a one-line error about ``what`` was given."""
     set_eval(model)
     try:
@@ -55,7 +56,7 @@ def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", f
     except Exception as err:  # noqa: BLE001 - any failure means the input does not fit
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs if isinstance(t, torch.Tensor))
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SrcompressError(f"the model cannot run on {what} of shape {shapes} ({reason})", fix) from err
+        raise SrcompressError(f"{subject} cannot run on {what} of shape {shapes} ({reason})", fix) from err
 
 
 def _first_layer(model: nn.Module) -> nn.Module | None:
@@ -91,8 +92,9 @@ def guess_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
         candidates = [torch.randn(1, first.in_features, generator=torch.Generator().manual_seed(0))]
     else:
         candidates = []
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for candidate in candidates:
-        inputs = with_attention_mask(model, candidate)
+        inputs = with_attention_mask(model, candidate.to(dtype) if candidate.is_floating_point() else candidate)
         try:
             run_model(model, inputs)
             return inputs

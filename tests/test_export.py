@@ -67,6 +67,7 @@ def test_cnn_bundle_onnx_parity_dynamic_batch_and_manifest(cnn_bundle):
     assert all(layer["pattern"] == "dense" and layer["density"] == 1.0 for layer in manifest["compression"]["layers"])
     assert manifest["calibration"]["samples"] == 128 and manifest["calibration"]["source"] == "mnist5k"
     assert any("TensorRT is not installed" in n for n in manifest["notes"]) or manifest["versions"]["tensorrt"]
+    assert any(n.startswith("baseline: loaded a pickled module") for n in manifest["notes"])  # the baseline ran code too
     assert {a["file"] for a in manifest["artifacts"]} >= {"model.onnx", "model.int8.onnx", "model.fp16.onnx", "baseline.onnx"}
 
 
@@ -101,6 +102,9 @@ def test_bench_reports_latency_and_detects_corruption(cnn_bundle, cli, tmp_path)
     assert {r["artifact"] for r in rows} >= {"onnx-fp32", "onnx-int8", "baseline-onnx-fp32", "torch-eager"}
     assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in rows)
     assert result.json["comparisons"] and result.json["verdict"]
+    verdicts = {(c["artifact"], c["verdict"]) for c in result.json["comparisons"]}  # the model is its own --baseline here
+    assert {v for a, v in verdicts if a in ("onnx-fp32", "torch-eager")} == {"same artifact"}
+    assert {v for a, v in verdicts if a == "onnx-int8"} <= {"faster", "within noise", "not faster"}
     assert (copy / "latency.md").is_file() and json.loads((copy / "latency.json").read_text())["rows"] == rows
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest_mod.validate(manifest)
@@ -133,6 +137,9 @@ def test_bench_without_baseline_says_so(cli, model_files, tmp_path):
     assert cli("export", model_files["cnn"], "-o", out, "--quiet").exit_code == 0
     result = cli("bench", out, "--batch-sizes", "2", "--runs", "3", "--json")
     assert result.exit_code == 0
+    for args, message in ((("--batch-sizes", "4097"), "batch size 4097 exceeds 4096"), (("--threads", "-1"), "--threads -1")):
+        refused = cli("bench", out, *args, "--runs", "3", "--json")
+        assert refused.exit_code == 2 and message in refused.json["error"], refused.output
     assert result.json["comparisons"] == [] and "no baseline" in result.json["verdict"][0]
     # --force replaces an earlier bundle, but never a folder holding anything else
     (out / "notes.txt").write_text("mine")
@@ -175,6 +182,11 @@ def test_mobilenet_pruned_bundle_and_int8_agreement(mobilenet_bundle):
     a = np.concatenate([fp32.run(None, {"x": c.numpy()})[0] for c in images.split(7)])  # batches of 7 and 1
     np.testing.assert_allclose(a, reference, rtol=1e-3, atol=1e-3)
     recorded = next(x for x in manifest["artifacts"] if x["precision"] == "int8")["fidelity"]
+    # batch norm is folded into the ONNX convolutions, yet every layer is matched to its ONNX weight
+    scheme = next(x for x in manifest["artifacts"] if x["precision"] == "int8")["quantization"]
+    precision = {layer["name"]: layer["precision"]["int8"] for layer in manifest["compression"]["layers"]}
+    assert set(precision.values()) <= {"int8", "fp32"} and set(scheme["fp32_layers"]) <= set(precision)
+    assert sorted(n for n, p in precision.items() if p == "fp32") == sorted(scheme["fp32_layers"])
     assert recorded["samples"] >= 64 and 0.0 <= recorded["top1_agreement"] <= 1.0
     assert onnx.load(str(bundle / "model.int8.onnx")).graph.node  # written and loadable
     assert int8.run(None, {"x": images[:2].numpy()})[0].shape == (2, reference.shape[1])  # and it runs
@@ -222,7 +234,10 @@ def test_minilm_dynamic_batch_and_sequence(cli, model_files, tmp_path):
         with torch.no_grad():
             want = bert(tokens["input_ids"], tokens["attention_mask"])[0].numpy()
         np.testing.assert_allclose(got[0], want, rtol=1e-3, atol=1e-4)
-    assert manifest["tensorrt"]["profile"]["input_ids"]["max"] == [32, 128]
+    profile = manifest["tensorrt"]["profile"]["input_ids"]
+    assert profile["max"] == [32, 256] == [32, manifest["io"]["inputs"][0]["preprocessing"]["max_length"]]
+    shortest = min(c["input_shapes"][0][1] for c in manifest["parity"]["cases"])
+    assert shortest < profile["opt"][1] < 256  # the median calibration sentence, not the shortest one
 
 
 def test_pruned_minilm_pt2_keeps_its_attention_mask_through_export(cli, model_files, tmp_path):
@@ -262,15 +277,30 @@ def test_export_bad_input_errors(cli, model_files, tmp_path, monkeypatch):
          "--int8-target-error"),
         (["export", tmp_path / "missing.pt", "-o", tmp_path / "c"], "not found"),
         (["export", model_files["cnn"], "-o", tmp_path / "no" / "such" / "d"], "does not exist"),
+        (["export", model_files["cnn"], "-o", tmp_path / "h", "--baseline", model_files["mobilenet"]],
+         "the baseline cannot run on the model's inputs of shape (1, 1, 28, 28)"),
+        (["export", model_files["cnn"], "-o", tmp_path / "i", "--opset", "5"], "--opset 5 is outside the opsets"),
+        (["export", model_files["cnn"], "-o", tmp_path / "j", "--opset", "13"], "could not convert the model to --opset 13"),
+        (["export", model_files["cnn"], "-o", tmp_path / "k", "--workspace-mib", "-5"], "--workspace-mib -5 is not a positive"),
+        (["export", model_files["cnn"], "-o", tmp_path / "l", "--max-seq", "0"], "--max-seq 0 is not a positive"),
+        (["export", model_files["cnn"], "-o", tmp_path / "m", "--int8", "--calib", "photos", "--image-size", "0"],
+         "--image-size 0 is not a positive"),
+        (["export", model_files["cnn"], "-o", tmp_path / "n", "--int8", "--calib", "mnist5k", "--calib-samples", "32",
+          "--int8-fp32-layers", "100"], "--int8-fp32-layers 100 keeps all 5 weighted layers fp32"),
     ]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
     cases.append((["export", bad, "-o", tmp_path / "e"], "corrupt"))
+    for dtype in ("float16", "bfloat16"):  # a half-precision model: export the fp32 one with --fp16 instead
+        torch.save(assets.pretrained_digit_cnn().to(getattr(torch, dtype)), tmp_path / f"{dtype}.pt")
+        (tmp_path / f"{dtype}.pt").chmod(0o644)
+        cases.append((["export", tmp_path / f"{dtype}.pt", "-o", tmp_path / dtype, "--input-shape", "1,1,28,28", "--input-dtype",
+                       dtype], f"has {dtype} weights; export needs a float32 model"))
     for args, message in cases:
         result = cli(*args, "--json")
         assert result.exit_code == 2, (args, result.output)
         assert message in result.json["error"] and len(result.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "exists"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "bfloat16.pt", "exists", "float16.pt"]
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 
@@ -344,6 +374,8 @@ def test_trtexec_command_rejects_unknown_version_and_precision():
         trtexec_command("fp32", IMAGE_PROFILE, trt_major=8, sparse=False)
     with pytest.raises(SrcompressError):
         trtexec_command("fp8", IMAGE_PROFILE, trt_major=10, sparse=False)
+    with pytest.raises(SrcompressError, match="workspace -5 MiB"):
+        trtexec_command("fp32", IMAGE_PROFILE, trt_major=10, sparse=False, workspace_mib=-5)
     with pytest.raises(SrcompressError):
         profile_from_io([{"name": "x", "shape": ["batch", 3]}], opt_batch=64, max_batch=32)
 
@@ -368,6 +400,14 @@ def test_build_script_has_both_versions(tmp_path):
     assert run.returncode == 0, run.stderr
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert len(calls) == 2 and "--int8" in calls[1] and "--onnx=model.int8.onnx" in calls[1]
+    # trtexec's version is major x 1000 + ... before 10 (v8601 = 8.6.1), major x 10000 + ... from 10 (v110000 = 11.0.0)
+    for version, code, said in (("8601", 2, "TensorRT 8 is not supported"), ("110000", 0, "")):
+        (tmp_path / "calls.txt").unlink(missing_ok=True)
+        fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "--help" ]; then echo "[TensorRT v{version}]"; exit 0; fi\n'
+                        'echo "$@" >> calls.txt\n')
+        run = subprocess.run(["bash", str(script)], env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        assert run.returncode == code and said in run.stderr, run.stderr
+    assert "--int8" not in (tmp_path / "calls.txt").read_text() and "model.int8.onnx" in (tmp_path / "calls.txt").read_text()
 
 
 def test_sparsity_lines_parsed():
@@ -468,7 +508,19 @@ def test_int8_fp32_fallback_keeps_the_most_sensitive_layers_fp32(tmp_path):
     assert fallback["calibration_output_error"] <= plain["calibration_output_error"]
     with pytest.raises(SrcompressError, match="--int8-fp32-layers"):
         quantize_int8(path, tmp_path / "bad.onnx", batches, fp32_layers=-1)
+    with pytest.raises(SrcompressError, match="keeps all 5 weighted layers fp32"):
+        quantize_int8(path, tmp_path / "bad.onnx", batches, fp32_layers=5)
     assert not (tmp_path / "bad.onnx").exists()
+    # the manifest's per-layer precision is read from the file: the two fallback nodes map to fp32 layers
+    from srcompress.compress.layers import trace_layers
+    from srcompress.export.bundle import onnx_layer_precisions
+
+    layers, _ = trace_layers(cnn, (x[:1],))
+    found = onnx_layer_precisions(tmp_path / "two.onnx", layers)
+    assert sorted(layer for _, layer, _ in found) == sorted(layer.name for layer in layers)
+    assert sorted(node for node, _, p in found if p == "fp32") == sorted(fallback["fp32_layers"])
+    assert [p for _, _, p in found].count("int8") == 3
+    assert {p for _, _, p in onnx_layer_precisions(path, layers)} == {"fp32"}
     # auto: a target the all-INT8 model already meets keeps nothing fp32; a stricter one keeps layers until it is met
     loose = quantize_int8(path, tmp_path / "loose.onnx", batches, target_error=min(0.5, 2 * plain["calibration_output_error"]))
     strict = quantize_int8(path, tmp_path / "strict.onnx", batches, target_error=plain["calibration_output_error"] / 4)
@@ -491,3 +543,76 @@ def test_interleaved_times_keeps_each_runtime_apart():
     mixed = []
     interleaved_times({n: (lambda n=n: mixed.append(n)) for n in calls}, runs=1, warmup=0)
     assert mixed == list(calls)  # without groups every call takes its turn
+
+
+def test_u8_int8_bundle_has_no_tensorrt_int8_engine_and_true_layer_precisions(cli, model_files, tmp_path):
+    out = tmp_path / "u8"
+    result = cli("export", model_files["cnn"], "-o", out, "--int8", "--calib", "mnist5k", "--calib-samples", "32",
+                 "--int8-activations", "u8", "--int8-fp32-layers", "1", "--json")
+    manifest = _check_common(out, result)
+    assert "model.int8.onnx" not in (out / "build_engine.sh").read_text()
+    assert all(list(commands) == ["fp32"] for commands in manifest["tensorrt"]["commands"].values())
+    assert any("--int8-activations u8" in n and "no INT8 engine" in n for n in manifest["notes"])
+    scheme = next(a for a in manifest["artifacts"] if a["precision"] == "int8")["quantization"]
+    layers = {layer["name"]: layer["precision"] for layer in manifest["compression"]["layers"]}
+    assert len(scheme["fp32_layers"]) == len(scheme["fp32_nodes"]) == 1 and scheme["fp32_layers"][0] in layers
+    assert {name for name, p in layers.items() if p["int8"] == "fp32"} == set(scheme["fp32_layers"])
+    assert [p["int8"] for p in layers.values()].count("int8") == 4 and {p["fp32"] for p in layers.values()} == {"fp32"}
+
+
+def test_sparsified_model_exports_with_its_sparse_layers_listed(tmp_path):
+    from srcompress.export.bundle import ExportOptions, export_bundle
+    from srcompress.kernels import sparsify
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 32:] = 0
+    model, report = sparsify(model, (32, 32), force=True)
+    assert len(report.converted) == 2
+    manifest = export_bundle(model, (torch.randn(1, 8, 64),), tmp_path / "b", ExportOptions(), model_name="mlp", model_sha256=None)
+    layers = {layer["name"]: layer for layer in manifest["compression"]["layers"]}
+    assert set(layers) == {"0.weight", "2.weight"} and layers["0.weight"]["op"] == "linear"
+    assert layers["0.weight"]["density"] == 0.5 and layers["0.weight"]["pattern"].startswith("block:")
+    assert layers["2.weight"]["density"] == 1.0 and manifest["parity"]["ok"]
+
+
+def _row(artifact, role, p50, spread, file):
+    return {"artifact": artifact, "role": role, "runtime": "onnxruntime CPU", "batch": 1, "p50_ms": p50, "spread_ms": spread,
+            "file": file}
+
+
+def test_bench_verdicts_need_more_than_the_spread_and_name_identical_artifacts():
+    from srcompress.export.bench import _compare, _fingerprints
+
+    base = _row("baseline-onnx-fp32", "baseline", 10.0, 0.5, "baseline.onnx")
+    rows = [base, _row("fast", "compressed", 5.0, 0.5, "fast.onnx"), _row("noisy", "compressed", 9.0, 2.0, "noisy.onnx"),
+            _row("slow", "compressed", 12.0, 0.1, "slow.onnx"), _row("copy", "compressed", 7.0, 0.1, "copy.onnx")]
+    prints = {"baseline.onnx": ("a", None), "copy.onnx": ("a", None), "fast.onnx": ("b", None), "noisy.onnx": ("c", None),
+              "slow.onnx": ("d", None)}
+    comparisons, verdicts = _compare(rows, prints)
+    assert {c["artifact"]: c["verdict"] for c in comparisons} == {"fast": "faster", "noisy": "within noise", "slow": "not faster",
+                                                                 "copy": "same artifact"}
+    assert any("copy and baseline-onnx-fp32 are the same model" in v and "1.43x" in v and "noise" in v for v in verdicts)
+    assert any("noisy is NOT measurably faster" in v and "2.000 ms" in v for v in verdicts)
+    assert not any(v.startswith("fast ") for v in verdicts)
+    assert _compare([base, rows[1]], prints)[1] == [
+        "every compressed artifact is faster than the dense baseline on its runtime, beyond the run-to-run spread"]
+    # a bundle exported with the model itself as --baseline: its fp32 artifacts are one model, the int8 one is not
+    manifest = {"model": {"sha256": "a" * 64, "baseline_sha256": "a" * 64},
+                "files": {f: {"sha256": f} for f in ("model.pt2", "baseline.pt2", "model.int8.onnx")},
+                "artifacts": [{"file": "model.pt2", "precision": "fp32"}, {"file": "baseline.pt2", "precision": "fp32"},
+                              {"file": "model.int8.onnx", "precision": "int8"}]}
+    prints = _fingerprints(manifest)
+    assert prints["model.pt2"] == prints["baseline.pt2"] != prints["model.int8.onnx"]
+
+
+def test_a_baseline_for_another_task_is_refused():
+    from srcompress.export.bundle import _check_baseline
+
+    x = (torch.randn(2, 4),)
+    _check_baseline(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), x)
+    with pytest.raises(SrcompressError, match=r"baseline's output \[2, 5\] differs in shape from the model's \[2, 3\]"):
+        _check_baseline(torch.nn.Linear(4, 3), torch.nn.Linear(4, 5), x)
+    with pytest.raises(SrcompressError, match=r"the baseline cannot run on the model's inputs of shape \(2, 4\)"):
+        _check_baseline(torch.nn.Linear(4, 3), torch.nn.Linear(6, 3), x)

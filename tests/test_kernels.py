@@ -436,6 +436,44 @@ def test_paths_dispatch_and_agree():
         SparseLinear.from_linear(linear, (64, 16), backend="cuda")
 
 
+def test_torch_bsr_backend_refuses_half_precision_on_cpu():
+    linear = make_linear(64, 64, (32, 32), 0.5)
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = SparseLinear.from_linear(linear, (32, 32), backend="torch-bsr").to(dtype)
+        for rows in (1, 3):
+            with pytest.raises(SrcompressError, match="CPU in float32 only"), torch.no_grad():
+                layer(torch.randn(rows, 64, dtype=dtype))
+        auto = SparseLinear.from_linear(linear, (32, 32)).to(dtype)
+        with torch.no_grad():
+            assert auto.path(torch.randn(3, 64, dtype=dtype)) == "dense" and auto(torch.randn(3, 64, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (4, 64), (1, 8, 64)])
+def test_sparse_layers_trace_as_linear_on_their_dense_weight(shape):
+    """trace_layers (a TorchDispatchMode) sees every SparseLinear/SparseConv1x1 as an op on its dense weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = nn.Sequential(make_linear(128, 64, (32, 32), 0.5), nn.ReLU(), make_linear(32, 128, (32, 32), 0.25, seed=3))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = model(x)
+    model, _ = sparsify(model, (32, 32), force=True)
+    layers, _ = trace_layers(model, (x,))
+    assert [(layer.name, layer.op) for layer in layers] == [("0.weight", "linear"), ("2.weight", "linear")]
+    assert [layer.param.shape for layer in layers] == [(128, 64), (32, 128)]
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        assert model[0].path(x) == "dense"
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    assert model[0].path(x) == "torch-bsr"
+    conv = SparseConv1x1.from_conv(nn.Conv2d(64, 32, 1), (32, 32))
+    assert [(layer.name, layer.op) for layer in trace_layers(conv, (torch.randn(2, 64, 3, 3),))[0]] == [("weight", "conv")]
+
+
 def test_conv1x1_channels_last():
     conv = nn.Conv2d(128, 64, 1)
     with torch.no_grad():

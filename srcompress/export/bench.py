@@ -2,8 +2,11 @@
 
 The bundle is verified first (schema, every file's SHA-256). Inputs are the bundle's ``sample_inputs.npz``
 (real rows), cycled to each batch size. Calls are interleaved across the artifacts of one runtime so machine
-noise hits all of them alike, one runtime at a time; p50/p90/p99 come from ``runs`` timed calls each. The verdict says plainly when the compressed
-model is not faster than the dense baseline on a runtime.
+noise hits all of them alike, one runtime at a time; p50/p90/p99 come from ``runs`` timed calls each. The verdict
+says plainly when the compressed model is not faster than the dense baseline on a runtime: "faster" needs a p50
+speedup of at least ``FASTER`` and a p50 difference larger than the run-to-run spread (interquartile range) of
+either artifact; an artifact byte-identical to the baseline (or exported from the same model file, for fp32) is
+reported as the same artifact, its difference noise.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def interleaved_times(calls: dict[str, Callable[[], object]], runs: int, warmup:
 
 def _percentiles(times: list[float]) -> dict:
     ms = np.asarray(times) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
+            "spread_ms": float(np.percentile(ms, 75) - np.percentile(ms, 25))}
 
 
 def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup: int = 5, threads: int | None = None) -> dict:
@@ -119,7 +123,7 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
             rows.append({"artifact": name, "file": artifact["file"], "runtime": label, "precision": artifact["precision"],
                          "role": artifact["role"], "batch": batch, "runs": runs, "warmup": warmup,
                          "throughput_per_s": batch / float(np.median(values)), **_percentiles(values)})
-    comparisons, verdicts = _compare(rows)
+    comparisons, verdicts = _compare(rows, _fingerprints(manifest))
     result = {"bundle": str(folder), "batch_sizes": batch_sizes, "rows": rows, "skipped": skipped,
               "comparisons": comparisons, "verdict": verdicts,
               "method": f"calls interleaved across the artifacts of one runtime, one runtime at a time; {warmup} warm-up and {runs} timed calls each; inputs from "
@@ -128,8 +132,19 @@ def bench_bundle(bundle: Path, batch_sizes: list[int], *, runs: int = 30, warmup
     return result
 
 
-def _compare(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """Speedup of every compressed artifact over the baseline on the same runtime and batch size."""
+def _fingerprints(manifest: dict) -> dict[str, tuple]:
+    """Per artifact file: the SHA-256 of it and of its external-data file, from the manifest's file table; the fp32
+    artifacts of a bundle whose model and baseline are one file (same SHA-256) all get that file's hash."""
+    files, model = manifest["files"], manifest["model"]
+    same_source = model.get("sha256") is not None and model.get("sha256") == model.get("baseline_sha256")
+    return {a["file"]: (("model", model["sha256"]) if same_source and a["precision"] == "fp32" else
+                        (files[a["file"]]["sha256"], files.get(a["file"] + ".data", {}).get("sha256")))
+            for a in manifest["artifacts"] if a["file"] in files}
+
+
+def _compare(rows: list[dict], fingerprints: dict[str, tuple] | None = None) -> tuple[list[dict], list[str]]:
+    """Speedup of every compressed artifact over the baseline on the same runtime and batch size, and the verdicts."""
+    fingerprints = fingerprints or {}
     baselines = {(r["runtime"], r["batch"]): r for r in rows if r["role"] == "baseline"}
     if not baselines:
         return [], ["no baseline in this bundle (export with --baseline ORIGINAL.pt): no dense model to compare with"]
@@ -139,13 +154,26 @@ def _compare(rows: list[dict]) -> tuple[list[dict], list[str]]:
         if row["role"] != "compressed" or base is None:
             continue
         speedup = base["p50_ms"] / row["p50_ms"]
+        spread = max(base["spread_ms"], row["spread_ms"])
+        same = fingerprints.get(row["file"]) is not None and fingerprints.get(row["file"]) == fingerprints.get(base["file"])
+        where = f"on {row['runtime']} at batch {row['batch']} ({speedup:.2f}x"
+        if same:
+            verdict = "same artifact"
+            verdicts.append(f"{row['artifact']} and {base['artifact']} are the same model (identical SHA-256 of the file or of "
+                            f"the model file it was exported from): the difference {where}) is measurement noise")
+        elif speedup >= FASTER and base["p50_ms"] - row["p50_ms"] > spread:
+            verdict = "faster"
+        elif speedup >= FASTER:
+            verdict = "within noise"
+            verdicts.append(f"{row['artifact']} is NOT measurably faster than the dense baseline {where}, a p50 difference "
+                            f"of {base['p50_ms'] - row['p50_ms']:.3f} ms within the run-to-run spread of {spread:.3f} ms)")
+        else:
+            verdict = "not faster"
+            verdicts.append(f"{row['artifact']} is NOT faster than the dense baseline {where}): smaller is not always faster")
         comparisons.append({"artifact": row["artifact"], "runtime": row["runtime"], "batch": row["batch"],
-                            "baseline": base["artifact"], "speedup_p50": speedup})
-        if speedup < FASTER:
-            verdicts.append(f"{row['artifact']} is NOT faster than the dense baseline on {row['runtime']} at batch "
-                            f"{row['batch']} ({speedup:.2f}x): smaller is not always faster")
+                            "baseline": base["artifact"], "speedup_p50": speedup, "spread_ms": spread, "verdict": verdict})
     if comparisons and not verdicts:
-        verdicts.append("every compressed artifact is faster than the dense baseline on its runtime")
+        verdicts.append("every compressed artifact is faster than the dense baseline on its runtime, beyond the run-to-run spread")
     return comparisons, verdicts
 
 
@@ -156,8 +184,9 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {r['artifact']} | {r['runtime']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.3f} | "
                      f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput_per_s']:.1f} |")
     if result["comparisons"]:
-        lines += ["", "| artifact | runtime | batch | speedup vs dense (p50) |", "|---|---|---|---|"]
-        lines += [f"| {c['artifact']} | {c['runtime']} | {c['batch']} | {c['speedup_p50']:.2f}x |" for c in result["comparisons"]]
+        lines += ["", "| artifact | runtime | batch | speedup vs dense (p50) | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {c['artifact']} | {c['runtime']} | {c['batch']} | {c['speedup_p50']:.2f}x | {c['verdict']} |"
+                  for c in result["comparisons"]]
     lines += ["", "## Verdict", ""] + [f"- {v}" for v in result["verdict"]]
     lines += [f"- skipped {s['artifact']}: {s['reason']}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,26 @@ from ..io import _flat_output_view, flatten_outputs
 RTOL, ATOL = 1e-3, 1e-4
 DEFAULT_EXTERNAL_THRESHOLD = 1 << 30  # weights above 1 GiB go to <name>.onnx.data (protobuf caps files at 2 GB)
 MAX_BATCH = 4096
+MIN_OPSET = 7
+
+
+def check_opset(opset: int | None) -> None:
+    """``--opset`` must be one the installed onnx package defines (None: the exporter's default)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not MIN_OPSET <= opset <= newest:
+        raise SrcompressError(f"--opset {opset} is outside the opsets onnx {onnx.__version__} defines ({MIN_OPSET} to {newest})",
+                              f"pass --opset {MIN_OPSET}..{newest}, or leave it out for the exporter's default")
+
+
+def check_float32(module: nn.Module, what: str = "the model") -> None:
+    """Export traces and checks parity in fp32: half- or double-precision weights are refused with the fix."""
+    dtypes = {str(t.dtype).replace("torch.", "") for t in (*module.parameters(), *module.buffers())
+              if t.is_floating_point() and t.dtype != torch.float32}
+    if dtypes:
+        raise SrcompressError(f"{what} has {', '.join(sorted(dtypes))} weights; export needs a float32 model",
+                              "export the float32 model (model.float()) and add --fp16 for a half-precision ONNX")
 
 
 def is_text_input(t: torch.Tensor) -> bool:
@@ -78,7 +98,7 @@ def _trace_inputs(inputs: tuple) -> tuple:
     return tuple(out)
 
 
-def _max_sequence(module: nn.Module) -> int:
+def max_sequence(module: nn.Module) -> int:
     """Longest sequence the model takes: its config's, else the rows of a position-embedding table (a module
     unlifted from a .pt2 has no config but keeps its parameter names), else 4096."""
     config = getattr(module, "config", None)
@@ -145,7 +165,7 @@ def trace_program(module: nn.Module, inputs: tuple):
     set_eval(module)
     trace = _trace_inputs(inputs)
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    sequence = Dim("sequence", min=1, max=_max_sequence(module))
+    sequence = Dim("sequence", min=1, max=max_sequence(module))
     shapes = tuple({axis: (batch if name == "batch" else sequence) for axis, name in dims.items()} for dims in dynamic_axes_for(trace))
     wrapped = _flat_output_view(module, trace)
     with _quiet_exporter():
@@ -346,6 +366,8 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: Path, *, parity_
     """
     import onnx
 
+    check_opset(opset)
+    check_float32(module)
     set_eval(module)
     notes: list[str] = []
     names_in = input_names(module, example_inputs)
@@ -356,6 +378,10 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: Path, *, parity_
         raw = scratch / "raw.onnx"
         exporter, program = _export_raw(module, example_inputs, raw, names_in, names_out, opset, notes)
         model = onnx.load(str(raw))  # loads external data too
+        written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is not None and written != opset:  # the dynamo exporter keeps opset 18 when it cannot convert
+            raise SrcompressError(f"the {exporter} exporter could not convert the model to --opset {opset} (it wrote opset {written})",
+                                  "pass a newer --opset, or leave it out for the exporter's default")
         _rename_dims(model, axes)
         nodes_before = len(model.graph.node)
         simplified = None

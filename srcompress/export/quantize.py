@@ -56,9 +56,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: list[tuple], *, acti
     """Static INT8 QDQ of ``fp32_path`` into ``out_path``; returns the scheme (for the manifest).
 
     ``fp32_layers`` keeps the weighted layers most sensitive to INT8 in fp32 (mixed precision): an int keeps that
-    many, ``"auto"`` the fewest (at most half of them) that bring the relative output error on calibration
-    inputs to ``target_error``, 0 none. Sensitivity = output error with that layer alone quantized. Lower
-    targets keep predictions closer to fp32 at the price of more fp32 layers (slower).
+    many (fewer than all), ``"auto"`` the fewest (at most half of them) that bring the relative output error on
+    calibration inputs to ``target_error``, 0 none; the scheme's ``fp32_layers`` names the ONNX nodes kept.
+    Sensitivity = output error with that layer alone quantized. Lower targets keep predictions closer to fp32
+    at the price of more fp32 layers (slower).
     """
     import onnx
 
@@ -70,12 +71,18 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: list[tuple], *, acti
         quantize = _Quantizer(pre, scratch, names, batches, activations, method)
         weighted = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node
                     if n.op_type in WEIGHTED_OPS and n.name not in exclude]
+        if fp32_layers != "auto" and fp32_layers >= len(weighted):
+            raise SrcompressError(f"--int8-fp32-layers {fp32_layers} keeps all {len(weighted)} weighted layers fp32: the INT8 "
+                                  "model would hold no INT8 layer", f"use a count below {len(weighted)}, or auto")
         kept, search = _choose_fp32_layers(quantize, weighted, tuple(exclude), fp32_layers, target_error)
         raw = scratch / "int8.onnx"
         error = quantize(raw, tuple(exclude) + tuple(kept))
         model = onnx.load(str(raw))
         files = save_onnx(model, out_path, **({"external_threshold": external_threshold} if external_threshold else {}))
         counts = {op: sum(1 for n in model.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
+        if not counts["DequantizeLinear"]:
+            raise SrcompressError(f"INT8 quantization left every layer of {fp32_path.name} in fp32 (no Conv, Gemm or MatMul "
+                                  "could be quantized)", "export without --int8")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"precision": "int8" if not kept else "int8 with fp32 fallback", "format": "QDQ (onnxruntime.quantization.quantize_static)",

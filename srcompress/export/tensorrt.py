@@ -62,6 +62,8 @@ def trtexec_command(precision: str, profile: Profile, *, trt_major: int, sparse:
         raise SrcompressError(f"unknown TensorRT precision {precision!r}", f"use one of {', '.join(PRECISION_FILES)}")
     if trt_major not in (10, 11):
         raise SrcompressError(f"TensorRT {trt_major} is not supported", "use TensorRT 10 or 11")
+    if workspace_mib < 1:
+        raise SrcompressError(f"workspace {workspace_mib} MiB is not positive", "pass --workspace-mib 1 or more")
     engine = engine or f"model.{precision}.plan"
     args = ["trtexec", f"--onnx={PRECISION_FILES[precision]}", f"--saveEngine={engine}"]
     if trt_major == 10:
@@ -97,7 +99,8 @@ def build_script(precisions: list[str], profile: Profile, *, sparse: bool, works
         'if [ -z "${TRT_MAJOR:-}" ]; then',
         '  version="$("$TRTEXEC" --help 2>&1 | grep -o "TensorRT v[0-9]*" | head -n1 | grep -o "[0-9]*" || true)"',
         '  if [ -z "$version" ]; then echo "cannot find trtexec (set TRTEXEC=/path/to/trtexec or TRT_MAJOR)" >&2; exit 2; fi',
-        '  TRT_MAJOR=$((version / 10000))',
+        '  # trtexec prints TensorRT v8601 for 8.6.1 (major x 1000) and v100300 for 10.3.0 (major x 10000)',
+        '  if [ "$version" -ge 100000 ]; then TRT_MAJOR=$((version / 10000)); else TRT_MAJOR=$((version / 1000)); fi',
         "fi",
         'case "$TRT_MAJOR" in',
     ]

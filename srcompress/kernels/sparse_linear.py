@@ -2,9 +2,10 @@
 ``sparsify(model)``, which swaps such layers in and reports, per layer, what it did and why.
 
 Paths, picked per call: the Triton kernels for CUDA inputs, torch's CPU BSR matmul for fp32 CPU inputs,
-dense ``F.linear`` otherwise and always while exporting or tracing (ONNX, ``torch.export``, ``torch.compile``)
-or when autograd needs gradients, since neither sparse path has a backward. The dense weight stays in the
-module (same parameter names as ``nn.Linear``/``nn.Conv2d``), so exports and state dicts are unchanged.
+dense ``F.linear`` otherwise and always while exporting or tracing (ONNX, ``torch.export``, ``torch.compile``,
+any ``TorchDispatchMode`` such as srcompress's layer tracer) or when autograd needs gradients, since neither
+sparse path has a backward. The dense weight stays in the module (same parameter names as
+``nn.Linear``/``nn.Conv2d``), so exports and state dicts are unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import SrcompressError
 from .bsr import BlockSparseWeight, block_density, check_block, to_block_sparse
@@ -39,7 +41,9 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 def _exporting() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    """Exporting, compiling or under a dispatch mode: tracers see the dense weight in an ordinary linear op."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or is_in_torch_dispatch_mode())
 
 
 def torch_bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +72,8 @@ class SparseLinear(nn.Module):
     or an input that needs gradients, selects the dense path.
 
     ``backend``: ``auto`` (Triton on CUDA, torch BSR for fp32 on CPU, dense otherwise), or one of
-    ``triton``, ``torch-bsr``, ``dense`` to force a path (exports always run dense).
+    ``triton``, ``torch-bsr``, ``dense`` to force a path (exports always run dense; ``torch-bsr`` takes only
+    float32 on CPU and raises SrcompressError for other CPU dtypes).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, block: tuple[int, int],
@@ -114,6 +119,9 @@ class SparseLinear(nn.Module):
         """The path a call with input ``x`` takes: ``triton``, ``torch-bsr`` or ``dense``."""
         if _exporting() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
             return "dense"
+        if self.backend == "torch-bsr" and x.device.type == "cpu" and not x.dtype == torch.float32 == self.sparse.dtype:
+            raise SrcompressError(f"backend 'torch-bsr' runs on CPU in float32 only (input {x.dtype}, weight {self.sparse.dtype})",
+                                  "use float32 weights and inputs on CPU, or backend='auto' (dense for other dtypes)")
         if self.backend != "auto":
             return self.backend
         if x.is_cuda and x.dtype in TRITON_DTYPES and x.dtype == self.sparse.dtype and _triton_available():
