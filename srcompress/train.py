@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ui
-from .compress.schedules import KINDS, make_schedule
+from .compress.schedules import KINDS, check_cycles, make_schedule
 from .compress.sparse_training import SparsePruner, set_mode
 from .data import Dataset
 from .errors import SrcompressError
@@ -86,12 +86,7 @@ class TrainConfig:
                                   "use 0 <= momentum < 1 and weight decay >= 0")
         if not 0.0 <= self.oneshot_at < 1.0:
             raise SrcompressError(f"one-shot point {self.oneshot_at} is outside [0, 1)", "pass a fraction of training, e.g. 0.5")
-        if self.cycles < 1:
-            raise SrcompressError(f"cycles must be at least 1, not {self.cycles}", "pass e.g. --cycles 3")
-        if not 0.0 < self.prune_fraction <= 1.0:
-            raise SrcompressError(f"prune fraction {self.prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
-        if not self.last_cycle > 0:
-            raise SrcompressError(f"last-cycle length {self.last_cycle} is not positive", "pass e.g. --last-cycle 2")
+        check_cycles(self.cycles, self.prune_fraction, self.last_cycle)
         if self.update_every is not None and self.update_every < 1:
             raise SrcompressError(f"mask update interval {self.update_every} is below 1", "pass e.g. --update-every 10")
         if self.optimizer_state not in STATE_MODES:

@@ -31,6 +31,16 @@ def _check_common(target: float, steps: int, interval: int) -> None:
         raise SrcompressError(f"mask update interval {interval} is below 1", "pass e.g. --update-every 10")
 
 
+def check_cycles(cycles: int, prune_fraction: float, last_cycle: float) -> None:
+    """The cyclical options that do not depend on the number of steps."""
+    if cycles < 1:
+        raise SrcompressError(f"cycles must be at least 1, not {cycles}", "pass e.g. --cycles 3")
+    if not 0.0 < prune_fraction <= 1.0:
+        raise SrcompressError(f"prune fraction {prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
+    if not last_cycle > 0:
+        raise SrcompressError(f"last-cycle length {last_cycle} is not positive", "pass e.g. --last-cycle 2")
+
+
 def _cubic(start: float, target: float, progress: float, exponent: float) -> float:
     return target + (start - target) * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
 
@@ -134,12 +144,7 @@ class Cyclical(Schedule):
 
     def __post_init__(self):
         _check_common(self.target, self.steps, self.interval)
-        if self.cycles < 1:
-            raise SrcompressError(f"cycles must be at least 1, not {self.cycles}", "pass e.g. --cycles 3")
-        if not 0.0 < self.prune_fraction <= 1.0:
-            raise SrcompressError(f"prune fraction {self.prune_fraction} is outside (0, 1]", "pass e.g. --prune-fraction 0.75")
-        if not self.last_cycle > 0:
-            raise SrcompressError(f"last-cycle length {self.last_cycle} is not positive", "pass e.g. --last-cycle 2")
+        check_cycles(self.cycles, self.prune_fraction, self.last_cycle)
         shortest = min(b - a for a, b in zip(self.bounds(), self.bounds()[1:]))
         if shortest < max(2, self.interval):
             raise SrcompressError(f"{self.cycles} cycles of {shortest} steps are too short for updates every {self.interval} steps",
