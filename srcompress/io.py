@@ -336,9 +336,9 @@ def atomic_path(path: Path):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 (and a writer may recreate it); the mode a plain open() gives
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -277,6 +277,17 @@ def _save_checkpoint(path: Path, meta, step, losses, model, optimizer, pruner, r
         torch.save(state, tmp)
 
 
+def is_checkpoint(path: Path) -> bool:
+    """True if ``path`` is a file an srcompress training run wrote as its checkpoint."""
+    if not Path(path).is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable means it is not ours
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+
+
 def _load_checkpoint(path: Path | None, meta, model, optimizer, pruner, result: TrainResult) -> tuple[int, list[float]]:
     if path is None or not Path(path).is_file():
         raise SrcompressError(f"no checkpoint to resume from at {path}", "run without --resume to start training")

@@ -176,7 +176,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
     from .data import held_out_note, load_data
     from .io import check_output_path, output_format, save_model
     from .report import layer_stats, model_totals, provenance
-    from .train import train_model
+    from .train import is_checkpoint, train_model
 
     torch.manual_seed(config.seed)
     with ui.phase(f"loading {data_source}"):
@@ -190,6 +190,9 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
     fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)
     if not checkpoint.parent.is_dir():
         raise SrcompressError(f"checkpoint folder {checkpoint.parent} does not exist", "create it or choose another --checkpoint")
+    if checkpoint.exists() and not is_checkpoint(checkpoint):  # --force would overwrite, then delete, someone's file
+        raise SrcompressError(f"--checkpoint {checkpoint} exists and is not an srcompress training checkpoint",
+                              "choose another --checkpoint path (the default is <output>.ckpt)")
     if checkpoint.exists() and not resume and not force:
         raise SrcompressError(f"checkpoint {checkpoint} exists from an earlier run", "pass --resume to continue it or --force to start over")
     fingerprint = {"model": loaded.sha256 or f"example:{example}", "data": train_data.digest()}

@@ -126,6 +126,9 @@ def test_a_structured_target_outside_0_1_names_the_target(cli, tmp_path, model_f
     result = cli("prune", "--structured", "--target", "flops:2", model_files["cnn"], "-o", out)
     assert result.exit_code == 2 and "--target flops:2: the fraction 2 is outside [0, 1)" in result.stderr
     assert "e.g. --target flops:0.5" in result.stderr and not out.exists()
+    for density in ("-1", "2"):
+        result = cli("prune", "--structured", "--sparsity", "0.5", "--min-density", density, model_files["cnn"], "-o", out)
+        assert result.exit_code == 2 and f"min density {float(density)} is outside [0, 1]" in result.stderr and not out.exists()
 
 
 def test_target_missed_is_an_error(cli, tmp_path, model_files):

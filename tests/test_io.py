@@ -263,14 +263,17 @@ def test_pt2_input_is_accepted(cli, model_files, tmp_path):
 
 
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
-    target = tmp_path / "model.pt"
+    """Also when the writer replaces the temporary file with a new one (as safetensors does)."""
     old = os.umask(0o022)
     try:
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"weights")
+        for name, write in (("model.pt", lambda tmp: tmp.write_bytes(b"weights")),
+                            ("model.safetensors", lambda tmp: (tmp.unlink(), tmp.write_bytes(b"weights"), tmp.chmod(0o600)))):
+            target = tmp_path / name
+            with atomic_path(target) as tmp:
+                write(tmp)
+            assert target.read_bytes() == b"weights" and (target.stat().st_mode & 0o777) == 0o644, name
     finally:
         os.umask(old)
-    assert target.read_bytes() == b"weights" and (target.stat().st_mode & 0o777) == 0o644
 
 
 def test_output_format_follows_the_file_name_and_refuses_a_contradiction(cli, tmp_path, model_files):

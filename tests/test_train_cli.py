@@ -168,6 +168,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         (["--data", "mnist5k", "--prune-fraction", "1.5", "--schedule", "oneshot"], "prune fraction 1.5 is outside (0, 1]"),
         (["--data", "mnist5k", "--checkpoint", out, "--force"], "is the output file"),
         (["--data", "mnist5k", "--checkpoint", lenet, "--force"], "is the input model file"),
+        (["--data", "mnist5k", "--checkpoint", tmp_path / "floats.pt", "--force"], "is not an srcompress training checkpoint"),
+        (["--data", "mnist5k", "--checkpoint", tmp_path / "empty_dir", "--force"], "is not an srcompress training checkpoint"),
         (["--data", "mnist5k", "--sparsity", "-0.5"], "outside [0, 1)"),
         (["--data", "mnist5k", "--momentum", "1.5", "--optimizer", "sgd"], "out of range"),
         (["--data", "mnist5k", "--checkpoint", tmp_path / "nowhere" / "c.ckpt"], "checkpoint folder"),
@@ -178,7 +180,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, tmp_path, lenet):
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert result.json == {"ok": False, "error": result.stderr.strip().removeprefix("error: ")}
         assert not out.exists() and not (tmp_path / "out.pt.ckpt").exists()
-    assert lenet.is_file()
+    assert lenet.is_file() and (tmp_path / "floats.pt").is_file() and (tmp_path / "empty_dir").is_dir()
     unreachable = cli("train", lenet, "--data", "mnist5k", "--sparsity", "0.995", "-o", out, "--json")
     assert unreachable.exit_code == 3 and "at most 99.00% of the pruned layers' weights can go" in unreachable.stderr
     assert not out.exists() and not (tmp_path / "out.pt.ckpt").exists()

@@ -47,6 +47,8 @@ class StructuredSpec:
             raise SrcompressError(f"unknown allocation {self.allocation!r}", "use allocation 'uniform' or 'global' (--scope layer or global)")
         if self.round_to is not None and self.round_to < 1:
             raise SrcompressError(f"--round-to {self.round_to} must be positive", "use e.g. --round-to 8")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise SrcompressError(f"min density {self.min_keep} is outside [0, 1]", "pass e.g. --min-density 0.01")
         if self.stop_threshold is not None and not self.stop_threshold >= 0:
             raise SrcompressError(f"--saliency-threshold {self.stop_threshold:g} is negative",
                                   "pass a normalised saliency of 0 or more, e.g. 0.1 (read the knee off the report's curve)")
