@@ -70,6 +70,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
                 raise SrcompressError(f"--image-size {image_size} is not a positive number of pixels", "e.g. --image-size 224")
             loaded, inputs, _source, _evaluate = load(model_path, example, arch, trust_pickle, input_shape, input_dtype)
             check_float32(loaded.module)
+            _check_dynamic_batch(loaded)
             options.notes += loaded.notes
             base = None
             if baseline is not None:
@@ -78,6 +79,7 @@ def register(main, model_options, load, fail, pickle_note: str) -> None:
                 with ui.phase(f"loading baseline {baseline}"):
                     base = load_model(baseline, arch=arch, trust_pickle=trust_pickle)
                 check_float32(base.module, "the baseline")
+                _check_dynamic_batch(base)
                 options.notes += [f"baseline: {note}" for note in base.notes]
             calibration = None
             if calib:
@@ -171,3 +173,16 @@ def _fp32_layers(value: str) -> int | str:
         return int(value)
     except ValueError:
         return value  # quantize_int8 names the problem and the fix
+
+
+def _check_dynamic_batch(loaded) -> None:
+    """The bundle's ONNX has a dynamic batch and parity runs at batch 1 and 7, which a program fixed at one batch
+    (torch.export's default) cannot run."""
+    from .io import fixed_batch
+
+    batch = fixed_batch(loaded.program) if loaded.program is not None else None
+    if batch is not None:
+        raise SrcompressError(f"{loaded.path} is a torch.export program with its batch fixed at {batch}; the export needs a "
+                              "dynamic batch (the ONNX has one, and parity runs at batch 1 and 7)",
+                              "re-export it with dynamic_shapes={'x': {0: torch.export.Dim.AUTO}}, or export the nn.Module "
+                              "(a pickle, or a state dict with --arch)")

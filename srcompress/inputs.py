@@ -43,7 +43,7 @@ def set_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-INPUT_FIX = "pass --input-shape (and --input-dtype) that the model accepts, one shape per input: --input-shape '1,20;1,8'"
+INPUT_FIX = "pass --input-shape (and --input-dtype) that the model accepts"
 
 
 def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", fix: str = INPUT_FIX,
@@ -56,6 +56,8 @@ def run_model(model: nn.Module, inputs: tuple, what: str = "an example input", f
     except Exception as err:  # noqa: BLE001 - any failure means the input does not fit
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs if isinstance(t, torch.Tensor))
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if isinstance(err, TypeError) and "argument" in reason and fix == INPUT_FIX:
+            fix = "pass one --input-shape per input of the model, e.g. --input-shape '1,20;1,8'"
         raise SrcompressError(f"{subject} cannot run on {what} of shape {shapes} ({reason})", fix) from err
 
 
@@ -125,7 +127,7 @@ def resolve_example_inputs(model: nn.Module, input_shape: str | None, input_dtyp
             inputs = with_attention_mask(model, make_input(shapes[0], dtypes[0], vocab=vocab))
         else:
             inputs = tuple(make_input(shape, dtype, vocab=vocab, seed=i) for i, (shape, dtype) in enumerate(zip(shapes, dtypes)))
-        run_model(model, inputs, fix=INPUT_FIX)
+        run_model(model, inputs)
         return inputs, "given"
     if known is not None:
         single = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in known)

@@ -376,6 +376,19 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return [t for v in values for t in flatten_outputs(v)]
 
 
+def fixed_batch(program) -> int | None:
+    """The batch size a torch.export program's first tensor input is fixed at (torch.export's default), or None
+    if that dimension is dynamic."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
+    for spec, node in zip(program.graph_signature.input_specs, placeholders):
+        value = node.meta.get("val")
+        if spec.kind == InputKind.USER_INPUT and isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0]) if isinstance(value.shape[0], int) else None
+    return None
+
+
 def export_program(module: nn.Module, example_inputs: tuple):
     """torch.export the model (outputs flattened to a tuple of tensors), leaving every dimension that can vary dynamic.
 

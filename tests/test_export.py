@@ -616,3 +616,13 @@ def test_a_baseline_for_another_task_is_refused():
         _check_baseline(torch.nn.Linear(4, 3), torch.nn.Linear(4, 5), x)
     with pytest.raises(SrcompressError, match=r"the baseline cannot run on the model's inputs of shape \(2, 4\)"):
         _check_baseline(torch.nn.Linear(4, 3), torch.nn.Linear(6, 3), x)
+
+
+def test_a_program_with_a_fixed_batch_is_told_how_to_export(cli, tmp_path):
+    """torch.export fixes the batch by default; the bundle needs a dynamic one, so say so before any work."""
+    program = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(assets.pretrained_digit_cnn().eval(), (torch.randn(1, 1, 28, 28),)), str(program))
+    out = tmp_path / "bundle"
+    result = cli("export", program, "-o", out, "--json")
+    assert result.exit_code == 2 and "torch.export program with its batch fixed at 1" in result.json["error"]
+    assert "dynamic_shapes" in result.json["error"] and not out.exists()
