@@ -53,15 +53,17 @@ def _sample_digests(x: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
-def held_out_note(train: Dataset, eval_x: torch.Tensor, eval_name: str) -> str | None:
-    """Refuse evaluation data whose every sample is in ``train`` (its accuracy is not held-out); a note when some are."""
-    seen = set(_sample_digests(train.x))
+def held_out_note(seen_x: torch.Tensor, seen_name: str, eval_x: torch.Tensor, eval_name: str, role: str = "training") -> str | None:
+    """Refuse evaluation data whose every sample the model was fitted on (``seen_x``, the ``role`` data): its accuracy
+    is not held-out. A note when some are."""
+    seen = set(_sample_digests(seen_x))
     shared = sum(digest in seen for digest in _sample_digests(eval_x))
     if shared == len(eval_x):
-        raise SrcompressError(f"every sample of the evaluation data ({eval_name}) is also in the training data ({train.name})",
-                              "evaluate on data the model does not train on (e.g. train on mnist5k:train, evaluate on mnist5k:test)")
+        raise SrcompressError(f"every sample of the evaluation data ({eval_name}) is also in the {role} data ({seen_name})",
+                              f"use {role} data the model is not evaluated on (e.g. mnist5k:train, which mnist5k:test excludes)")
     if shared:
-        return f"{shared} of the {len(eval_x)} evaluation samples ({eval_name}) are also in the training data: accuracy on them is not held-out"
+        return (f"{shared} of the {len(eval_x)} evaluation samples ({eval_name}) are also in the {role} data: "
+                "accuracy on them is not held-out")
     return None
 
 

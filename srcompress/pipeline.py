@@ -178,6 +178,7 @@ def prune_structured(
     if spec.stop_threshold is not None and not chosen.stops_at_threshold:
         raise SrcompressError(f"method {chosen.name!r} has no saliency to stop at, so --saliency-threshold cannot apply",
                               "use --method surgery, or drop --saliency-threshold and pass --sparsity")
+    overlap = _calibration_overlap(calibration, evaluate) if chosen.needs_data else None
     set_eval(model)
     reference = flatten_outputs(run_model(model, example_inputs))
     probe = DriftProbe(model, calibration)
@@ -242,8 +243,21 @@ def prune_structured(
     report.drift = probe.measure(model, seen=chosen.needs_data)
     report.notes += [f"{group.name}: {decisions[group.index].info[key]}" if key == "fallback" else decisions[group.index].info[key]
                      for group in context.planned for key in ("fallback", "warning") if key in decisions[group.index].info]
+    report.notes += [overlap] if overlap else []
     _judge_structured(report, groups, spec)
     return report
+
+
+def _calibration_overlap(calibration: Any, evaluate: Any) -> str | None:
+    """A data-driven method fits the weights to its calibration inputs: refuse an evaluation made entirely on them
+    (it would not be held-out), note a partial overlap. Only evaluators that expose their ``inputs`` can be checked."""
+    from .data import held_out_note
+
+    held_out = getattr(evaluate, "inputs", None)
+    if calibration is None or held_out is None:
+        return None
+    seen = torch.cat([batch[0] for batch in calibration.batches])
+    return held_out_note(seen, calibration.description, held_out, evaluate.dataset, role="calibration")
 
 
 class DriftProbe:

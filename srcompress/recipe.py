@@ -44,6 +44,7 @@ class Context:
     data: dict[str, str]
     seed: int
     loaded_data: dict[str, Any] = field(default_factory=dict)
+    evaluate: Any = None  # the bundled example's held-out evaluator, if any (a data-driven stage must not fit to it)
 
     def dataset(self, source: str, class_names: tuple[str, ...] | None = None):
         from .data import load_data
@@ -154,7 +155,8 @@ def _run_structured(model: nn.Module, stage: dict[str, Any], context: Context) -
         calibration = load_calibration(options["source"], options["samples"], seed=stage["spec"].seed,
                                        example_inputs=context.example_inputs, tokenizer=options["tokenizer"],
                                        image_size=options["image_size"], model=model)
-    report = prune_structured(model, context.example_inputs, stage["spec"], stage["method"], calibration=calibration)
+    report = prune_structured(model, context.example_inputs, stage["spec"], stage["method"], calibration=calibration,
+                              evaluate=context.evaluate)
     if not report.ok:
         raise TargetNotMet(f"structured stage: {report.problem}", f"nothing was written; {report.fix or 'adjust the recipe'}")
     summary = (f"{stage['method']} removed {report.reached['channels']:.1%} of units, {report.reached['params']:.1%} of "
@@ -201,7 +203,7 @@ def _run_train(model: nn.Module, stage: dict[str, Any], context: Context) -> tup
     train_data = context.dataset(stage["data"])
     eval_source = stage["eval_data"] or (context.eval_source() if stage["data"] == context.data.get("train") else None)
     eval_data = context.dataset(eval_source, train_data.class_names) if eval_source else None
-    overlap = held_out_note(train_data, eval_data.x, eval_data.name) if eval_data is not None else None
+    overlap = held_out_note(train_data.x, train_data.name, eval_data.x, eval_data.name) if eval_data is not None else None
     result = train_model(model, train_data, stage["config"], eval_data=eval_data, example_inputs=context.example_inputs)
     config = stage["config"]
     summary = f"{config.schedule} {config.pattern} training for {config.epochs} epochs"
@@ -277,7 +279,7 @@ def run_recipe(recipe: Recipe, load: Callable[[], tuple], output: Path, fmt: str
     loaded, inputs, _, evaluate = load()
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)
-    context = Context(inputs, recipe.data, recipe.seed)
+    context = Context(inputs, recipe.data, recipe.seed, evaluate=evaluate)
     notes = _check_before_running(recipe, loaded.module, context, evaluate)
     before = evaluate(loaded.module) if evaluate else None
     model = loaded.module
@@ -326,7 +328,7 @@ def _check_before_running(recipe: Recipe, model: nn.Module, context: Context, ev
                 data, config = context.dataset(stage["data"]), stage["config"]
                 if config.sparsity > 0:
                     make_config_schedule(config, math.ceil(len(data) / config.batch_size) * config.epochs)
-                note = held_out_note(data, evaluate.inputs, evaluate.dataset) if evaluate is not None else None
+                note = held_out_note(data.x, data.name, evaluate.inputs, evaluate.dataset) if evaluate is not None else None
                 if note:
                     notes.append(f"stage {index}: {note}")
     return notes

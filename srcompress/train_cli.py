@@ -184,7 +184,7 @@ def _run_train(rank, config, model_path, example, arch, trust_pickle, input_shap
         if eval_source is None and train_data.name.startswith("mnist5k:") and train_data.name != "mnist5k:all":
             eval_source = "mnist5k:test"
         eval_data = load_data(eval_source, normalize, train_data.class_names) if eval_source else None
-    overlap = held_out_note(train_data, eval_data.x, eval_data.name) if eval_data is not None else None
+    overlap = held_out_note(train_data.x, train_data.name, eval_data.x, eval_data.name) if eval_data is not None else None
     loaded, inputs = _load_model(model_path, example, arch, trust_pickle, input_shape, input_dtype, train_data)
     check_output_path(output, force=force, protected=(loaded.path,) if loaded.path else ())
     fmt = output_format(output, fmt, loaded.format, from_program=loaded.program is not None)

@@ -310,3 +310,25 @@ def test_image_crops_from_one_half_never_see_the_other(monkeypatch):
     torch.testing.assert_close(right * std + mean, torch.ones_like(right), atol=1e-6, rtol=0)
     with pytest.raises(SrcompressError, match="half"):
         assets.image_crops("test", 2, half="top")
+
+
+def test_calibrating_on_the_evaluation_digits_is_refused(cli, tmp_path):
+    """Submodular re-fits the weights to its calibration inputs, so accuracy on those same digits is not held-out."""
+    x, _ = assets.mnist5k("test")
+    torch.save(x, tmp_path / "test_digits.pt")
+    out = tmp_path / "out.pt2"
+    result = cli("prune", "--example", "mnist", "--structured", "--method", "submodular", "--calib", tmp_path / "test_digits.pt",
+                 "--calib-samples", "1000", "--sparsity", "0.5", "-o", out, "--json")
+    assert result.exit_code == 2 and not out.exists()
+    assert "every sample of the evaluation data (MNIST-5k held-out (1000 images)) is also in the calibration data" in result.json["error"]
+
+
+def test_held_out_note_refuses_all_and_notes_some():
+    from srcompress.data import held_out_note
+
+    seen, other = torch.randn(6, 3), torch.randn(4, 3)
+    assert held_out_note(seen, "fit", other, "eval") is None
+    assert held_out_note(seen, "fit", torch.cat([seen[:2], other]), "eval", role="calibration").startswith(
+        "2 of the 6 evaluation samples (eval) are also in the calibration data")
+    with pytest.raises(SrcompressError, match=r"every sample of the evaluation data \(eval\) is also in the training data \(fit\)"):
+        held_out_note(seen, "fit", seen[[3, 1]], "eval")
