@@ -196,7 +196,7 @@ class TwoHeads(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.body(x))
-        return self.classes(h), self.box(h).view(-1, 2, 2)
+        return self.classes(h).softmax(-1), (torch.sigmoid(self.box(h)) * 2).view(-1, 2, 2)
 
 
 def test_every_output_head_is_kept_dense_not_only_the_last():

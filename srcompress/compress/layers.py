@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ..inputs import run_model
 from ..io import flatten_outputs
@@ -34,7 +35,7 @@ class Layer:
     flops: int = 0  # dense FLOPs (2 x MACs) for the example input
     groups: int = 1
     reduction_dim: int = 1  # dimension of the 2-D weight that is summed over (1 for nn.Linear)
-    is_output: bool = False  # its result is a model output as it is (an output head)
+    is_output: bool = False  # a model output is its result, maybe after an activation or scale (an output head)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,12 +79,35 @@ class Layer:
 
 
 class _WeightUse(TorchDispatchMode):
-    def __init__(self, params: dict[int, list[tuple[str, nn.Parameter]]]):
+    def __init__(self, params: dict[int, list[tuple[str, nn.Parameter]]], constants: set[int]):
         super().__init__()
         self.params = params
+        self.constants = constants  # storages of parameters and buffers
         self.layers: dict[str, Layer] = {}
         self.embeddings: set[str] = set()
-        self.results: list[tuple[torch.Tensor, str]] = []  # each layer op's result, kept alive so storages stay distinct
+        # storage -> the layer whose result it holds, directly or through operators that read nothing else but
+        # constants (an activation, a scale, a reshape): a model output found here comes from that layer
+        self.source: dict[int, str] = {}
+        self.kept: list[torch.Tensor] = []  # those tensors, kept alive so that no storage is reused during the trace
+
+    def _derive(self, name: str, out) -> None:
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.source[tensor.untyped_storage().data_ptr()] = name
+                self.kept.append(tensor)
+
+    def _follow(self, args, kwargs, out) -> None:
+        """Carry a layer's name to ``out`` when the operator read that layer's result and only constants besides."""
+        names, other = set(), False
+        for tensor in tree_flatten((args, kwargs))[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage().data_ptr()
+                if storage in self.source:
+                    names.add(self.source[storage])
+                elif storage not in self.constants and tensor.dim() > 0:
+                    other = True
+        if len(names) == 1 and not other:
+            self._derive(names.pop(), out)
 
     def _lookup(self, tensor) -> tuple[str, nn.Parameter] | None:
         """The parameter ``tensor`` views: the whole of it, or a block of its rows (a packed q/k/v weight's chunk)."""
@@ -96,8 +120,7 @@ class _WeightUse(TorchDispatchMode):
         return None
 
     def _record(self, name: str, param: nn.Parameter, op: str, flops: int, out=None, **extra) -> None:
-        if isinstance(out, torch.Tensor):
-            self.results.append((out, name))
+        self._derive(name, out)
         layer = self.layers.get(name)
         if layer is None:
             self.layers[name] = Layer(name, param, op, order=len(self.layers), flops=flops, **extra)
@@ -107,6 +130,7 @@ class _WeightUse(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
+        recorded = len(self.kept)
         if packet in _MATMULS:
             left, right = (args[1], args[2]) if packet is aten.addmm else (args[0], args[1])
             flops = 2 * left.shape[0] * left.shape[1] * right.shape[1]
@@ -141,6 +165,8 @@ class _WeightUse(TorchDispatchMode):
             hit = self._lookup(args[0])
             if hit is not None:
                 self.embeddings.add(hit[0])
+        if len(self.kept) == recorded:  # not a layer: perhaps an operator on one layer's result
+            self._follow(args, kwargs, out)
         return out
 
 
@@ -149,12 +175,13 @@ def trace_layers(model: nn.Module, example_inputs: tuple) -> tuple[list[Layer], 
     params: dict[int, list[tuple[str, nn.Parameter]]] = {}  # storage -> the parameters in it
     for name, param in model.named_parameters():
         params.setdefault(param.untyped_storage().data_ptr(), []).append((name, param))
-    mode = _WeightUse(params)
+    constants = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    mode = _WeightUse(params, constants)
     with mode:
         outputs = flatten_outputs(run_model(model, example_inputs))
-    storages = {t.untyped_storage().data_ptr() for t in outputs}
-    for result, name in mode.results:
-        if result.untyped_storage().data_ptr() in storages:
+    for tensor in outputs:
+        name = mode.source.get(tensor.untyped_storage().data_ptr())
+        if name is not None:
             mode.layers[name].is_output = True
     layers = sorted(mode.layers.values(), key=lambda layer: layer.order)
     return layers, mode.embeddings
