@@ -378,6 +378,29 @@ def test_head_count_fixed_in_code_is_refused_not_silently_wrong():
     assert "--exclude 'q'" in info.value.fix
 
 
+class KdimAttention(nn.Module):
+    """Cross-attention whose keys and values are narrower than the queries (kdim, vdim): separate projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(6, 32), nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True)
+        self.ff, self.head = nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        kv = self.kv(x.flip(1))
+        return self.head(torch.relu(self.ff(self.attn(self.q(x), kv, kv, need_weights=False)[0])).mean(1))
+
+
+def test_attention_with_its_own_key_width_keeps_its_inputs_and_prunes_the_rest():
+    torch.manual_seed(0)
+    model = KdimAttention().eval()
+    report = prune_structured(model, (torch.randn(2, 5, 6),), StructuredSpec(0.5), "l1")
+    assert report.ok and model.ff.out_features == 16
+    assert model.q.out_features == 32 and model.kv.out_features == 16  # the attention's query and key/value widths
+    assert "separate q/k/v sizes" in report.unplaced["kv.weight"]
+
+
 def test_program_with_baked_group_count_says_to_prune_the_module():
     model, inputs = ZOO["grouped"]()
     program = torch.export.export(model, inputs).module()

@@ -1205,9 +1205,13 @@ def _mha_couple(c: Coupler) -> None:
     module: nn.MultiheadAttention = c.module
     heads, embed = module.num_heads, module.embed_dim
     if not module._qkv_same_embed_dim or module.bias_k is not None:
+        reason = f"nn.MultiheadAttention {c.path} with separate q/k/v sizes or bias_k"
         for name, param in module.named_parameters():
             for dim in range(param.dim()):
-                c.fix(c.param(name, dim), f"nn.MultiheadAttention {c.path} with separate q/k/v sizes or bias_k")
+                c.fix(c.param(name, dim), reason)
+        for index, (_, shape) in enumerate(c.inputs):  # query/key/value widths are fixed too (kdim, vdim)
+            if shape and len(shape) >= 2:
+                c.fix(c.input_dim(index, -1, shape[-1]), reason)
         return
     head_dim = embed // heads
     rows = c.param("in_proj_weight", 0)
