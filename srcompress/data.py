@@ -60,7 +60,8 @@ def held_out_note(seen_x: torch.Tensor, seen_name: str, eval_x: torch.Tensor, ev
     shared = sum(digest in seen for digest in _sample_digests(eval_x))
     if shared == len(eval_x):
         raise SrcompressError(f"every sample of the evaluation data ({eval_name}) is also in the {role} data ({seen_name})",
-                              f"use {role} data the model is not evaluated on (e.g. mnist5k:train, which mnist5k:test excludes)")
+                              f"use {role} data the model is not evaluated on (for the bundled digits: "
+                              f"{'--calib mnist5k, their training split' if role == 'calibration' else 'mnist5k:train'})")
     if shared:
         return (f"{shared} of the {len(eval_x)} evaluation samples ({eval_name}) are also in the {role} data: "
                 "accuracy on them is not held-out")

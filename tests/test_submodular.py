@@ -321,6 +321,7 @@ def test_calibrating_on_the_evaluation_digits_is_refused(cli, tmp_path):
                  "--calib-samples", "1000", "--sparsity", "0.5", "-o", out, "--json")
     assert result.exit_code == 2 and not out.exists()
     assert "every sample of the evaluation data (MNIST-5k held-out (1000 images)) is also in the calibration data" in result.json["error"]
+    assert "--calib mnist5k, their training split" in result.json["error"]  # a value --calib accepts
 
 
 def test_held_out_note_refuses_all_and_notes_some():
